@@ -1,0 +1,38 @@
+# Every target that needs Python depends on $(VENV_STAMP), so each works alone on a fresh clone.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+VENV_STAMP := $(VENV)/.installed
+OUT ?= build/export
+HEIGHT ?= 1024
+WIDTH ?= 1536
+NAFNET_CKPT ?=
+EXPORT_ARGS ?=
+
+.PHONY: setup test export bench lint clean
+
+$(VENV_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+setup: $(VENV_STAMP)
+
+test: $(VENV_STAMP)
+	$(BIN)/python -m pytest -q
+
+export: $(VENV_STAMP)
+	$(BIN)/bokeh-export --out $(OUT) --height $(HEIGHT) --width $(WIDTH) \
+		$(if $(NAFNET_CKPT),--checkpoint $(NAFNET_CKPT)) $(EXPORT_ARGS)
+	$(BIN)/validate parity --tflite $(OUT)/nafnet_fp32.tflite
+
+bench: $(VENV_STAMP)
+	$(BIN)/python -m validate.bench --out $(OUT) --height $(HEIGHT) --width $(WIDTH) \
+		--doc docs/benchmarks.md
+
+lint: $(VENV_STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
