@@ -1,0 +1,172 @@
+"""Stage 5: frozen GraphDef -> TFLite, builtin ops only unless the user allows Flex.
+
+A Flex (SELECT_TF_OPS) op keeps a model off every mobile GPU and needs the Flex delegate on the
+CPU, so it is never slipped in: if the builtin-only conversion fails, the Flex model is written
+under a ``*_flex.tflite`` name, its Flex ops are listed, and the caller decides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from export.io import atomic_path
+from export.tf_stages import quiet_tensorflow
+
+VARIANTS = ("fp32", "fp16")
+
+
+class FlexOpsRequired(Exception):
+    """The builtin-only conversion failed; the Flex model was written to ``flex_path``."""
+
+    def __init__(self, flex_path: Path, flex_ops: list[str], reason: str):
+        super().__init__(
+            f"{flex_path.name} needs Flex ops {', '.join(flex_ops) or '(unknown)'}: it cannot run "
+            f"on a mobile GPU and needs the Flex delegate on the CPU ({reason})"
+        )
+        self.flex_path, self.flex_ops, self.reason = flex_path, flex_ops, reason
+
+
+def _converter(frozen_pb: Path, io_spec: dict, variant: str):
+    tf = quiet_tensorflow()
+    converter = tf.compat.v1.lite.TFLiteConverter.from_frozen_graph(
+        str(frozen_pb), input_arrays=list(io_spec["inputs"]),
+        output_arrays=list(io_spec["outputs"]), input_shapes=io_spec["inputs"],
+    )
+    if variant == "fp16":  # fp16 weights, dequantized on the CPU, used as is by the GPU delegate
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif variant != "fp32":
+        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+    return converter
+
+
+def to_tflite(frozen_pb: str | Path, io_spec: dict, dest: str | Path, variant: str = "fp32") -> Path:
+    """Convert with TFLITE_BUILTINS only; on failure write ``*_flex.tflite`` and raise."""
+    tf = quiet_tensorflow()
+    frozen_pb, dest = Path(frozen_pb), Path(dest)
+    converter = _converter(frozen_pb, io_spec, variant)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    try:
+        with _captured_stderr():
+            flatbuffer = converter.convert()
+    except Exception as exc:  # the converter raises ConverterError with the unsupported ops
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        converter = _converter(frozen_pb, io_spec, variant)
+        converter.target_spec.supported_ops = [
+            tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
+        flex_path = dest.with_name(dest.stem + "_flex.tflite")
+        with atomic_path(flex_path) as tmp, _captured_stderr():
+            tmp.write_bytes(converter.convert())
+        raise FlexOpsRequired(flex_path, inspect_tflite(flex_path).flex_ops, reason) from None
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(flatbuffer)
+    return dest
+
+
+@contextlib.contextmanager
+def _captured_stderr():
+    """Silence the converter's C++ chatter (it writes to fd 2, below Python's sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+@dataclass
+class TFLiteInfo:
+    """What a person (and the report) wants to know about a .tflite file at a glance."""
+
+    path: str
+    size_bytes: int
+    op_histogram: dict[str, int]
+    flex_ops: list[str]
+    max_rank: int
+    inputs: list[dict]
+    outputs: list[dict]
+    largest_tensors: list[dict] = field(default_factory=list)
+    gpu_compatible: bool | None = None
+    gpu_messages: list[str] = field(default_factory=list)
+
+    @property
+    def delegate_ready(self) -> bool:
+        """Builtin ops only, rank <= 4, and TensorFlow's GPU analyzer raised nothing."""
+        return not self.flex_ops and self.max_rank <= 4 and bool(self.gpu_compatible)
+
+
+def _tensor_entry(detail: dict) -> dict:
+    return {"name": detail["name"], "shape": [int(d) for d in detail["shape"]],
+            "dtype": np.dtype(detail["dtype"]).name}
+
+
+def inspect_tflite(path: str | Path, largest: int = 5) -> TFLiteInfo:
+    """Op histogram, Flex ops, max rank, I/O, largest tensors and the GPU-compatibility verdict."""
+    tf = quiet_tensorflow()
+    path = Path(path)
+    interpreter = tf.lite.Interpreter(model_path=str(path))
+    ops = interpreter._get_ops_details()  # the public API has no op list; this one is stable
+    names = [op["op_name"] for op in ops]
+    flex = sorted({n.removeprefix("Flex") for n in names if n.startswith("Flex")})
+    tensors = interpreter.get_tensor_details()
+    by_size = sorted(
+        tensors, key=lambda t: int(np.prod(t["shape"])) * np.dtype(t["dtype"]).itemsize,
+        reverse=True)
+    verdict, messages = gpu_compatibility(path)
+    return TFLiteInfo(
+        path=str(path), size_bytes=path.stat().st_size,
+        op_histogram=dict(Counter(names).most_common()), flex_ops=flex,
+        max_rank=max((len(t["shape"]) for t in tensors), default=0),
+        inputs=[_tensor_entry(d) for d in interpreter.get_input_details()],
+        outputs=[_tensor_entry(d) for d in interpreter.get_output_details()],
+        largest_tensors=[
+            {**_tensor_entry(t), "mbytes": round(
+                int(np.prod(t["shape"])) * np.dtype(t["dtype"]).itemsize / 2**20, 2)}
+            for t in by_size[:largest]],
+        gpu_compatible=verdict, gpu_messages=messages,
+    )
+
+
+def gpu_compatibility(path: str | Path) -> tuple[bool, list[str]]:
+    """TensorFlow's GPU delegate compatibility analyzer; it does not check rank (we do)."""
+    tf = quiet_tensorflow()
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        tf.lite.experimental.Analyzer.analyze(model_path=str(path), gpu_compatibility=True)
+    text = buffer.getvalue()
+    messages = sorted({m.strip() for m in re.findall(r"GPU COMPATIBILITY WARNING: (.*)", text)})
+    incompatible = "not compatible" in text.lower() or bool(messages)
+    return not incompatible, messages
+
+
+def run_tflite(path: str | Path, inputs: list[np.ndarray], threads: int | None = None,
+               xnnpack: bool = True) -> list[np.ndarray]:
+    """One forward pass; inputs and outputs in the model's own order."""
+    interpreter = make_interpreter(path, threads, xnnpack)
+    for detail, value in zip(interpreter.get_input_details(), inputs, strict=True):
+        interpreter.set_tensor(detail["index"], value.astype(detail["dtype"]))
+    interpreter.invoke()
+    return [interpreter.get_tensor(d["index"]).copy() for d in interpreter.get_output_details()]
+
+
+def make_interpreter(path: str | Path, threads: int | None = None, xnnpack: bool = True):
+    tf = quiet_tensorflow()
+    resolver = (tf.lite.experimental.OpResolverType.AUTO if xnnpack
+                else tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=threads,
+                                      experimental_op_resolver_type=resolver)
+    interpreter.allocate_tensors()
+    return interpreter
