@@ -38,7 +38,7 @@ def ensure_writable_dir(path: str | Path) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(dest: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``dest`` (file or folder); rename it over ``dest`` on success."""
+    """Yield a temporary path beside ``dest`` (file or folder), renamed over ``dest`` on success."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
@@ -123,7 +123,7 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def fit_to_size(image: np.ndarray, height: int, width: int) -> tuple[np.ndarray, str]:
-    """Scale to cover ``height x width`` keeping aspect ratio, then centre-crop; say what was done."""
+    """Scale to cover ``height x width`` keeping aspect ratio, centre-crop; say what was done."""
     h, w = image.shape[:2]
     if (h, w) == (height, width):
         return image, "used as is"

@@ -70,7 +70,8 @@ def depth_to_space_crd_to_dcr(model: onnx.ModelProto) -> tuple[onnx.ModelProto, 
 def max_tensor_rank(model: onnx.ModelProto) -> int:
     """Largest rank among the graph's value infos, inputs and outputs (after shape inference)."""
     inferred = onnx.shape_inference.infer_shapes(model)
-    infos = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+    graph = inferred.graph
+    infos = list(graph.value_info) + list(graph.input) + list(graph.output)
     return max(len(v.type.tensor_type.shape.dim) for v in infos)
 
 

@@ -20,7 +20,6 @@ from export.io import atomic_path
 def quiet_tensorflow():
     """Import TensorFlow with its C++ and Python logging turned down to errors."""
     import os
-
     import warnings
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -50,7 +50,9 @@ def _converter(frozen_pb: Path, io_spec: dict, variant: str):
     return converter
 
 
-def to_tflite(frozen_pb: str | Path, io_spec: dict, dest: str | Path, variant: str = "fp32") -> Path:
+def to_tflite(
+    frozen_pb: str | Path, io_spec: dict, dest: str | Path, variant: str = "fp32"
+) -> Path:
     """Convert with TFLITE_BUILTINS only; on failure write ``*_flex.tflite`` and raise."""
     tf = quiet_tensorflow()
     frozen_pb, dest = Path(frozen_pb), Path(dest)

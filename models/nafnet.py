@@ -195,8 +195,9 @@ def load_nafnet(path: str | Path, config: Mapping | None = None) -> NAFNet:
         state = extract_state_dict(raw)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    if config is None and isinstance(raw, Mapping) and isinstance(raw.get("nafnet_config"), Mapping):
-        config = raw["nafnet_config"]
+    saved_config = raw.get("nafnet_config") if isinstance(raw, Mapping) else None
+    if config is None and isinstance(saved_config, Mapping):
+        config = saved_config
     model = NAFNet(**dict(config or PAPER_CONFIG))
     expected = set(model.state_dict())
     missing = sorted(expected - set(state))
@@ -204,7 +205,8 @@ def load_nafnet(path: str | Path, config: Mapping | None = None) -> NAFNet:
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: does not fit NAFNet{model.config}: "
-            f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}"
+            f"{len(missing)} missing keys {missing[:5]}, "
+            f"{len(unexpected)} unexpected {unexpected[:5]}"
         )
     try:
         model.load_state_dict(state, strict=True)
