@@ -112,6 +112,13 @@ def dpt_input_size(height: int, width: int, short_side: int = 384,
     return snap(height), snap(width)
 
 
+def check_input_size(height: int, width: int) -> None:
+    """DPT needs sides that are multiples of 32 (the 1/32 level must upsample exactly)."""
+    if height % 32 or width % 32 or height <= 0 or width <= 0:
+        raise ValueError(f"DPT input sides must be positive multiples of 32, got "
+                         f"{height}x{width}; see dpt_input_size()")
+
+
 def resize_pos_embed(pos_embed: torch.Tensor, grid_h: int, grid_w: int,
                      start_index: int = 1) -> torch.Tensor:
     """Bilinearly resize the square position-embedding grid to ``grid_h x grid_w`` tokens, keeping
@@ -137,6 +144,14 @@ def pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> t
     return x
 
 
+def standardize_weight(weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per output channel (w - mean) / sqrt(biased var + eps), as timm's StdConv computes it;
+    the Keras port applies this once to the stored weights."""
+    w = F.batch_norm(weight.reshape(1, weight.shape[0], -1), None, None, training=True,
+                     momentum=0.0, eps=eps)
+    return w.reshape_as(weight)
+
+
 class StdConv2dSame(nn.Conv2d):
     """Weight-standardised conv with TF "SAME" padding (timm ``StdConv2dSame``, no bias)."""
 
@@ -144,15 +159,9 @@ class StdConv2dSame(nn.Conv2d):
         super().__init__(in_ch, out_ch, kernel, stride=stride, padding=0, bias=False)
         self.eps = eps
 
-    def standardized_weight(self) -> torch.Tensor:
-        """Per output channel (w - mean) / sqrt(biased var + eps); the Keras port bakes this in."""
-        w = self.weight.reshape(1, self.out_channels, -1)
-        w = F.batch_norm(w, None, None, training=True, momentum=0.0, eps=self.eps)
-        return w.reshape_as(self.weight)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = pad_same(x, self.kernel_size[0], self.stride[0])
-        return F.conv2d(x, self.standardized_weight(), None, self.stride)
+        return F.conv2d(x, standardize_weight(self.weight, self.eps), None, self.stride)
 
 
 class GroupNormAct(nn.GroupNorm):
@@ -437,12 +446,6 @@ class DPT(nn.Module):
             self.pretrained.add_module(f"act_postprocess{level}", make_postprocess(level, cfg))
         self.scratch = Scratch(cfg)
 
-    def check_input_size(self, height: int, width: int) -> None:
-        """DPT needs sides that are multiples of 32 (the 1/32 level must upsample exactly)."""
-        if height % 32 or width % 32 or height <= 0 or width <= 0:
-            raise ValueError(f"DPT input sides must be positive multiples of 32, got "
-                             f"{height}x{width}; see dpt_input_size()")
-
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The four reassembled maps at strides 4, 8, 16 and 32 (NCHW)."""
         cfg, vit = self.config, self.pretrained.model
@@ -469,7 +472,7 @@ class DPT(nn.Module):
         return [maps[level] for level in range(1, 5)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input_size(*x.shape[-2:])
+        check_input_size(*x.shape[-2:])
         layer_1, layer_2, layer_3, layer_4 = self.forward_features(x)
         s = self.scratch
         path_4 = s.refinenet4(s.layer4_rn(layer_4))
