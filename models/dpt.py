@@ -499,22 +499,21 @@ class DPT(nn.Module):
                 f"{path}: is a DPT-{variant.title()} checkpoint but a DPT-{config.variant.title()} "
                 f"config was given"
             )
-        model = cls(config)
-        expected = set(model.state_dict())
-        missing = sorted(expected - set(state))
-        unexpected = sorted(set(state) - expected)
-        if missing or unexpected:
+        with torch.device("meta"):  # no memory and no random init for 344M parameters
+            model = cls(config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = [f"{k} {tuple(state[k].shape)} != {expected[k]}" for k in sorted(expected)
+                 if k in state and tuple(state[k].shape) != expected[k]]
+        if missing or unexpected or wrong:
             raise CheckpointError(
                 f"{path}: does not fit MiDaS DPT-{variant.title()} ({config}): "
                 f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected "
-                f"{unexpected[:5]}"
+                f"{unexpected[:5]}, {len(wrong)} wrong shapes {wrong[:3]}"
             )
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise CheckpointError(
-                f"{path}: shapes do not fit MiDaS DPT-{variant.title()} ({config}): {exc}"
-            ) from None
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
 
 
