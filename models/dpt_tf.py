@@ -17,7 +17,7 @@ Keras layer names are the PyTorch module names (``pretrained.model.blocks.3.attn
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -266,7 +266,8 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy()
 
 
-def _layer_weights(layer: layers.Layer, take, cfg: DPTConfig) -> list[np.ndarray]:
+def _layer_weights(layer: layers.Layer, take: Callable[[str], torch.Tensor],
+                   cfg: DPTConfig) -> list[np.ndarray]:
     """The Keras weights of ``layer`` from PyTorch tensors (``take(suffix)`` reads one)."""
     if isinstance(layer, TokenEmbed):
         pos = resize_pos_embed(take("pos_embed"), *layer.grid)
