@@ -143,15 +143,41 @@ def inspect_tflite(path: str | Path, largest: int = 5) -> TFLiteInfo:
 
 
 def gpu_compatibility(path: str | Path) -> tuple[bool, list[str]]:
-    """TensorFlow's GPU delegate compatibility analyzer; it does not check rank (we do)."""
+    """TensorFlow's GPU delegate compatibility analyzer; it does not check rank (we do).
+
+    The analyzer flags every op whose weights come through a DEQUANTIZE of fp16 constants (it
+    counts them as runtime inputs). Those are fp16 models as the GPU delegate wants them: it
+    reads the fp16 weights directly instead of dequantizing. Such flags are explained in the
+    messages, not counted against the model; any other flag is.
+    """
     tf = quiet_tensorflow()
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         tf.lite.experimental.Analyzer.analyze(model_path=str(path), gpu_compatibility=True)
     text = buffer.getvalue()
     messages = sorted({m.strip() for m in re.findall(r"GPU COMPATIBILITY WARNING: (.*)", text)})
-    incompatible = "not compatible" in text.lower() or bool(messages)
-    return not incompatible, messages
+    flagged = {int(n) for m in re.findall(r"issues at nodes ([\d, ]+)", text)
+               for n in m.replace(" ", "").split(",") if n}
+    if not flagged and not messages and "not compatible" not in text.lower():
+        return True, []
+    unexplained = flagged - _fp16_weight_consumers(path)
+    if flagged and not unexplained and all("runtime input" in m or "issues at nodes" in m
+                                           for m in messages):
+        return True, [f"{len(flagged)} ops read fp16 weights through DEQUANTIZE: the analyzer "
+                      "flags them, the GPU delegate reads fp16 weights directly"]
+    return False, messages
+
+
+def _fp16_weight_consumers(path: str | Path) -> set[int]:
+    """Indices of ops that take an input dequantized from an fp16 constant."""
+    tf = quiet_tensorflow()
+    interpreter = tf.lite.Interpreter(model_path=str(path))
+    dtypes = {t["index"]: np.dtype(t["dtype"]) for t in interpreter.get_tensor_details()}
+    ops = interpreter._get_ops_details()
+    dequantized = {out for op in ops if op["op_name"] == "DEQUANTIZE"
+                   and all(dtypes.get(i) == np.float16 for i in op["inputs"])
+                   for out in op["outputs"]}
+    return {op["index"] for op in ops if dequantized.intersection(op["inputs"])}
 
 
 def run_tflite(path: str | Path, inputs: list[np.ndarray], threads: int | None = None,

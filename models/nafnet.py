@@ -208,8 +208,11 @@ def load_nafnet(path: str | Path, config: Mapping | None = None) -> NAFNet:
             f"{len(missing)} missing keys {missing[:5]}, "
             f"{len(unexpected)} unexpected {unexpected[:5]}"
         )
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: shapes do not fit NAFNet{model.config}: {exc}") from None
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+             if tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise CheckpointError(f"{path}: shapes do not fit NAFNet{model.config} "
+                              f"(checkpoint vs model): {'; '.join(wrong[:3])}")
+    model.load_state_dict(state, strict=True)
     return model.eval()
