@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from export.io import UserError
@@ -12,15 +13,25 @@ from models.nafnet import CheckpointError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bokeh-export",
-        description="Export NAFNet PyTorch -> ONNX -> TensorFlow -> TFLite (fp32 for the CPU, "
-                    "fp16 for the GPU delegate), builtin ops only, with a manifest per model "
-                    "and report.json.",
-        epilog="Next: validate parity --tflite OUT/nafnet_fp32.tflite",
+        description="Export NAFNet PyTorch -> ONNX -> TensorFlow -> TFLite, fuse it with the "
+                    "TensorFlow DPT depth net into one photo -> bokeh model, and convert both to "
+                    "TFLite (fp32 for the CPU, fp16 for the GPU delegate), builtin ops only, "
+                    "with a manifest per model and report.json.",
+        epilog="Next: validate parity --tflite OUT/bokeh_fp32.tflite",
     )
     p.add_argument("--out", default="build/export", help="output folder (default: %(default)s)")
     p.add_argument("--height", type=int, default=1024, help="static input height (%(default)s)")
     p.add_argument("--width", type=int, default=1536, help="static input width (%(default)s)")
     p.add_argument("--checkpoint", help="NAFNet checkpoint (.pth/.pt); default: random weights")
+    p.add_argument("--dpt-weights", help="MiDaS v3.0 DPT file (dpt_hybrid_384.pt or "
+                   "dpt_large_384.pt); default: random weights, meaningless depth")
+    p.add_argument("--dpt-variant", default="hybrid", choices=("hybrid", "large", "tiny"),
+                   help="random DPT to use without --dpt-weights (default %(default)s; tiny is "
+                        "a small test model)")
+    p.add_argument("--dpt-short-side", type=int, default=384,
+                   help="short side of the DPT input, a multiple of 32 (default %(default)s)")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="export NAFNet alone (photo + mask in), no depth net")
     p.add_argument("--variants", default="fp32,fp16",
                    help="comma-separated TFLite variants (default: %(default)s)")
     p.add_argument("--opset", type=int, default=12,
@@ -33,12 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from export.pipeline import export_nafnet
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
+    from export.pipeline import export
     from export.tflite_stage import FlexOpsRequired
 
     try:
-        export_nafnet(
+        export(
             out_dir=args.out, height=args.height, width=args.width, checkpoint=args.checkpoint,
+            dpt_weights=args.dpt_weights, dpt_variant=args.dpt_variant,
+            dpt_short_side=args.dpt_short_side, fuse=not args.no_fuse,
             variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
             opset=args.opset, allow_flex=args.allow_flex, seed=args.seed,
         )
@@ -51,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # e.g. opset outside the converter's range
         print(f"bokeh-export: error: {exc}", file=sys.stderr)
         return 2
-    print(f"Next: validate parity --tflite {args.out}/nafnet_fp32.tflite")
+    model = "nafnet" if args.no_fuse else "bokeh"
+    print(f"Next: validate parity --tflite {args.out}/{model}_fp32.tflite")
     return 0
 
 

@@ -7,6 +7,7 @@ with per-stage timings, op histograms, Flex ops, maximum rank and the GPU-compat
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 from collections.abc import Callable
@@ -20,12 +21,31 @@ from export.io import UserError, ensure_writable_dir, read_json, write_bytes, wr
 from models.nafnet import PAPER_CONFIG, load_nafnet, random_nafnet
 
 MANIFEST_FORMAT = "bokehlite-manifest/1"
-# Per-variant defaults for `validate parity` (absolute difference on outputs in [0, 1]).
-TOLERANCE = {"fp32": {"atol": 1e-4}, "fp16": {"atol": 2e-2, "min_psnr": 45.0}}
+DPT_VARIANTS = ("hybrid", "large", "tiny")
+# `validate parity` defaults, per model, variant and output (outputs in [0, 1]): "atol" bounds the
+# largest absolute difference, "min_psnr" the PSNR in dB against the PyTorch reference.
+TOLERANCE = {
+    "nafnet": {"fp32": {"output": {"atol": 1e-4}},
+               "fp16": {"output": {"atol": 2e-2, "min_psnr": 45.0}}},
+    "bokeh": {"fp32": {"bokeh": {"min_psnr": 60.0}, "mask": {"atol": 1e-3}},
+              "fp16": {"bokeh": {"min_psnr": 45.0}, "mask": {"atol": 5e-2}}},
+}
+DESCRIPTIONS = {
+    "nafnet": {"input": "photo RGB + depth mask, NHWC, values in [0, 1]",
+               "output": "bokeh RGB, NHWC, about [0, 1] (not clipped)"},
+    "bokeh": {"photo": "photo RGB, NHWC, values in [0, 1]",
+              "bokeh": "bokeh RGB, NHWC, clipped to [0, 1]",
+              "mask": "depth mask from DPT, NHWC, per-image min-max to [0, 1] (1 = near)"},
+}
 RANDOM_WEIGHTS_WARNING = (
     "NO CHECKPOINT GIVEN: NAFNet has deterministic RANDOM weights (seed {seed}). The files prove "
     "the conversion, not the rendering. Pass --checkpoint (make export NAFNET_CKPT=...) for a "
     "real model."
+)
+RANDOM_DPT_WARNING = (
+    "NO DPT WEIGHTS GIVEN: the depth net is a RANDOM DPT-{variant} (seed {seed}), so the depth "
+    "mask is MEANINGLESS. Parity still proves the conversion. Pass --dpt-weights "
+    "(make export DPT_WEIGHTS=dpt_hybrid_384.pt) for real depth."
 )
 
 
@@ -69,28 +89,52 @@ def load_generator(checkpoint: str | Path | None, seed: int = 0) -> tuple[torch.
     return random_nafnet(PAPER_CONFIG, seed), {"checkpoint": None, "random_seed": seed}
 
 
+def load_depth_net(weights: str | Path | None, variant: str = "hybrid",
+                   seed: int = 0) -> tuple[torch.nn.Module, dict]:
+    """The PyTorch DPT to port and its manifest record (official file, else random weights)."""
+    from models.dpt import DPT, default_dpt_config, random_dpt, tiny_dpt_config
+
+    if weights:
+        model = DPT.from_midas_checkpoint(weights)
+        record = {"checkpoint": str(Path(weights).resolve()), "random_seed": None}
+    else:
+        if variant not in DPT_VARIANTS:
+            raise UserError(f"unknown DPT variant {variant!r}; expected one of {DPT_VARIANTS}")
+        config = (tiny_dpt_config("hybrid") if variant == "tiny"
+                  else default_dpt_config(variant))
+        model = random_dpt(config, seed)
+        record = {"checkpoint": None, "random_seed": seed}
+    return model.eval(), {**record, "config": dataclasses.asdict(model.config)}
+
+
 def _software_versions() -> dict:
     import onnx
     import onnxruntime
-    import tensorflow as tf
+
+    tf = tf_stages.quiet_tensorflow()
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "tensorflow": tf.__version__}
 
 
-def export_nafnet(
+def export(
     out_dir: str | Path = "build/export",
     height: int = 1024,
     width: int = 1536,
     checkpoint: str | Path | None = None,
+    dpt_weights: str | Path | None = None,
+    dpt_variant: str = "hybrid",
+    dpt_short_side: int = 384,
+    fuse: bool = True,
     variants: tuple[str, ...] = ("fp32", "fp16"),
     opset: int = onnx_stages.DEFAULT_OPSET,
     allow_flex: bool = False,
     seed: int = 0,
     echo: Callable[[str], None] = print,
 ) -> dict:
-    """Export NAFNet (photo + mask in, NHWC) to every stage and TFLite variant; return the report.
+    """Export NAFNet (photo + mask in) and, with ``fuse``, the fused DPT + NAFNet model
+    (photo in), every stage and TFLite variant, NHWC; return the report.
 
     Raises ``UserError`` for bad input and ``tflite_stage.FlexOpsRequired`` when a variant needs
     Flex ops and ``allow_flex`` is off (the Flex file is written, the builtin one is not).
@@ -102,70 +146,118 @@ def export_nafnet(
             raise UserError(f"unknown variant {v!r}; this export writes {tflite_stage.VARIANTS}")
     out = ensure_writable_dir(out_dir)
     model, weights = load_generator(checkpoint, seed)
-    config = dict(model.config)
-    channels = config["in_channels"]
     warnings = [RANDOM_WEIGHTS_WARNING.format(seed=seed)] if checkpoint is None else []
+    depth = None
+    if fuse:
+        from models.dpt import dpt_input_size
+
+        dpt, dpt_record = load_depth_net(dpt_weights, dpt_variant, seed)
+        dpt_size = dpt_input_size(height, width, dpt_short_side)
+        depth = {**dpt_record, "input_size": list(dpt_size)}
+        if dpt_weights is None:
+            warnings.append(RANDOM_DPT_WARNING.format(variant=dpt_variant, seed=seed))
     for w in warnings:
         echo(_banner(w))
 
+    config = dict(model.config)
     log = StageLog(out, echo)
-    echo(f"Exporting NAFNet{tuple(config['enc_blocks'])} width {config['width']} at "
-         f"{height}x{width} to {out}/")
-    raw = log.run("onnx", onnx_stages.to_onnx, model, (1, channels, height, width),
-                  out / "nafnet.onnx", opset=opset)
-    simplified = log.run("simplify", onnx_stages.simplify, raw, out / "nafnet_sim.onnx")
-    mobile, rewrites = log.run("rewrite", onnx_stages.rewrite, simplified,
-                               out / "nafnet_mobile.onnx")
-    saved = log.run("tensorflow", tf_stages.to_tensorflow, mobile, out / "nafnet_savedmodel",
-                    note="onnx-tf conversion (about a minute at 1024x1536)")
-    fn = tf_stages.nchw_to_nhwc_function(saved, (1, height, width, channels))
-    frozen, io_spec = log.run("freeze", tf_stages.freeze, fn, out / "nafnet_frozen.pb")
-
-    stages = [
-        {"name": "onnx", "engine": "onnx", "path": raw.name, "layout": "NCHW"},
-        {"name": "onnx-simplified", "engine": "onnx", "path": simplified.name, "layout": "NCHW"},
-        {"name": "onnx-mobile", "engine": "onnx", "path": mobile.name, "layout": "NCHW"},
-        {"name": "tf-savedmodel", "engine": "saved_model", "path": saved.name, "layout": "NCHW"},
-        {"name": "frozen-graph", "engine": "frozen_graph", "path": frozen.name, "layout": "NHWC"},
-    ]
     report = {
-        "model": "nafnet", "height": height, "width": width, "nafnet_config": config,
-        "weights": weights, "warnings": warnings, "opset": opset, "rewrites": rewrites,
-        "software": _software_versions(), "stages": log.stages, "variants": {},
+        "height": height, "width": width, "nafnet_config": config, "weights": weights,
+        "dpt": depth, "warnings": warnings, "opset": opset, "software": _software_versions(),
+        "stages": log.stages, "variants": {},
     }
+    common = {"format": MANIFEST_FORMAT, "nafnet_config": config, "weights": weights,
+              "dpt": depth, "warnings": warnings, "height": height, "width": width,
+              "report": "report.json"}
     try:
-        for variant in variants:
-            tflite = out / f"nafnet_{variant}.tflite"
-            try:
-                log.run(f"tflite-{variant}", tflite_stage.to_tflite, frozen, io_spec, tflite,
-                        variant)
-            except tflite_stage.FlexOpsRequired as exc:
-                report["variants"][variant] = {"flex": str(exc.flex_path.name),
-                                               "flex_ops": exc.flex_ops}
-                echo(_banner(f"FLEX OPS: {exc}"))
-                if not allow_flex:
-                    raise
-                tflite = exc.flex_path
-            info = tflite_stage.inspect_tflite(tflite)
-            report["variants"][variant] = _variant_summary(info)
-            manifest = {
-                "format": MANIFEST_FORMAT, "model": "nafnet", "variant": variant,
-                "tflite": tflite.name, "nafnet_config": config, "weights": weights,
-                "warnings": warnings, "height": height, "width": width,
-                "inputs": [_io_entry(i, "photo RGB + depth mask, NHWC, values in [0, 1]")
-                           for i in info.inputs],
-                "outputs": [_io_entry(o, "bokeh RGB, NHWC, about [0, 1] (not clipped)")
-                            for o in info.outputs],
-                "tolerance": TOLERANCE[variant], "stages": stages, "report": "report.json",
-                "flex_ops": info.flex_ops, "max_rank": info.max_rank,
-                "gpu_compatible": info.gpu_compatible,
-            }
-            write_json(tflite.with_suffix(".manifest.json"), manifest)
+        echo(f"Exporting NAFNet{tuple(config['enc_blocks'])} width {config['width']} at "
+             f"{height}x{width} to {out}/")
+        nafnet_stages, saved, report["rewrites"] = _nafnet_graphs(
+            model, out, height, width, opset, log)
+        fn = tf_stages.nchw_to_nhwc_function(saved, (1, height, width, config["in_channels"]))
+        frozen, io_spec = log.run("freeze", tf_stages.freeze, fn, out / "nafnet_frozen.pb")
+        nafnet_stages.append(_stage("frozen-graph", "frozen_graph", frozen, "NHWC", io_spec))
+        _write_variants("nafnet", frozen, io_spec, variants, {**common, "model": "nafnet",
+                        "stages": nafnet_stages}, report, log, allow_flex)
+        if fuse:
+            from export.fuse import OUTPUT_NAMES, fused_function, save_fused
+            from models.dpt_tf import keras_dpt_from_torch
+
+            echo(f"Fusing DPT-{depth['config']['variant']} at {dpt_size[0]}x{dpt_size[1]} "
+                 "with NAFNet")
+            keras_dpt = log.run("keras-dpt", keras_dpt_from_torch, dpt, *dpt_size,
+                                note="building the Keras DPT and porting its weights")
+            fused = fused_function(keras_dpt, saved, height, width)
+            fused_saved = log.run("fuse", save_fused, fused, out / "bokeh_savedmodel",
+                                  note="tracing DPT + NAFNet into one graph")
+            frozen_fused, fused_spec = log.run("freeze-fused", tf_stages.freeze, fused,
+                                               out / "bokeh_frozen.pb", OUTPUT_NAMES)
+            bokeh_stages = [*nafnet_stages,
+                            _stage("bokeh-savedmodel", "saved_model", fused_saved, "NHWC",
+                                   fused_spec, role="bokeh"),
+                            _stage("bokeh-frozen-graph", "frozen_graph", frozen_fused, "NHWC",
+                                   fused_spec, role="bokeh")]
+            _write_variants("bokeh", frozen_fused, fused_spec, variants,
+                            {**common, "model": "bokeh", "stages": bokeh_stages}, report, log,
+                            allow_flex)
     finally:
         write_json(out / "report.json", report)
         write_bytes(out / "report.txt", summary_text(report).encode())
     echo(summary_text(report))
     return report
+
+
+def _nafnet_graphs(model, out: Path, height: int, width: int, opset: int, log: StageLog):
+    """Stages 1-3 for NAFNet: ONNX, simplified, rewritten for mobile, SavedModel."""
+    shape = (1, model.config["in_channels"], height, width)
+    raw = log.run("onnx", onnx_stages.to_onnx, model, shape, out / "nafnet.onnx", opset=opset)
+    simplified = log.run("simplify", onnx_stages.simplify, raw, out / "nafnet_sim.onnx")
+    mobile, rewrites = log.run("rewrite", onnx_stages.rewrite, simplified,
+                               out / "nafnet_mobile.onnx")
+    saved = log.run("tensorflow", tf_stages.to_tensorflow, mobile, out / "nafnet_savedmodel",
+                    note="onnx-tf conversion (about 30 s)")
+    stages = [_stage("onnx", "onnx", raw, "NCHW"),
+              _stage("onnx-simplified", "onnx", simplified, "NCHW"),
+              _stage("onnx-mobile", "onnx", mobile, "NCHW"),
+              _stage("tf-savedmodel", "saved_model", saved, "NCHW")]
+    return stages, saved, rewrites
+
+
+def _stage(name: str, engine: str, path: Path, layout: str, io_spec: dict | None = None,
+           role: str = "nafnet") -> dict:
+    """A manifest entry telling `validate parity` how to run one stage's artifact."""
+    entry = {"name": name, "engine": engine, "path": path.name, "layout": layout, "role": role}
+    if io_spec:
+        entry.update(inputs=list(io_spec["inputs"]), outputs=list(io_spec["outputs"]))
+    return entry
+
+
+def _write_variants(prefix: str, frozen: Path, io_spec: dict, variants: tuple[str, ...],
+                    manifest_base: dict, report: dict, log: StageLog, allow_flex: bool) -> None:
+    """Convert ``frozen`` to each TFLite variant and write its manifest beside it."""
+    descriptions = DESCRIPTIONS[manifest_base["model"]]
+    for variant in variants:
+        tflite = log.out_dir / f"{prefix}_{variant}.tflite"
+        try:
+            log.run(f"tflite-{prefix}-{variant}", tflite_stage.to_tflite, frozen, io_spec,
+                    tflite, variant)
+        except tflite_stage.FlexOpsRequired as exc:
+            report["variants"][exc.flex_path.name] = {"flex_ops": exc.flex_ops}
+            log.echo(_banner(f"FLEX OPS: {exc}"))
+            if not allow_flex:
+                raise
+            tflite = exc.flex_path
+        info = tflite_stage.inspect_tflite(tflite)
+        report["variants"][tflite.name] = _variant_summary(info)
+        manifest = {
+            **manifest_base, "variant": variant, "tflite": tflite.name,
+            "inputs": [_io_entry(t, descriptions[t["name"]]) for t in info.inputs],
+            "outputs": [_io_entry(t, descriptions[t["name"]]) for t in info.outputs],
+            "tolerance": TOLERANCE[manifest_base["model"]][variant],
+            "flex_ops": info.flex_ops, "max_rank": info.max_rank,
+            "gpu_compatible": info.gpu_compatible,
+        }
+        write_json(tflite.with_suffix(".manifest.json"), manifest)
 
 
 def _io_entry(tensor: dict, description: str) -> dict:
@@ -187,23 +279,23 @@ def _banner(text: str) -> str:
 
 def summary_text(report: dict) -> str:
     """A few lines a person reads after the export: per variant size, ops, Flex, rank, GPU."""
-    lines = [f"Export summary ({report['model']} {report['height']}x{report['width']}):"]
+    lines = [f"Export summary ({report['height']}x{report['width']}):"]
     for w in report["warnings"]:
         lines.append(f"  WARNING: {w}")
     total = sum(s["seconds"] for s in report["stages"])
-    lines.append(f"  stages: {', '.join(s['stage'] for s in report['stages'])} ({total:.0f} s)")
-    for variant, v in report["variants"].items():
+    lines.append(f"  {len(report['stages'])} stages in {total:.0f} s")
+    for name, v in report["variants"].items():
         if "ops" not in v:
-            lines.append(f"  {variant}: FAILED builtin conversion; Flex ops {v['flex_ops']}")
+            lines.append(f"  {name}: FAILED builtin conversion; Flex ops {v['flex_ops']}")
             continue
-        top = ", ".join(f"{k} {n}" for k, n in list(v["ops"].items())[:4])
+        top = ", ".join(f"{k} {n}" for k, n in list(v["ops"].items())[:3])
         lines.append(
-            f"  {v['tflite']}: {_human(v['bytes'])}, {sum(v['ops'].values())} ops ({top} ...), "
+            f"  {name}: {_human(v['bytes'])}, {sum(v['ops'].values())} ops ({top} ...), "
             f"Flex ops: {', '.join(v['flex_ops']) or 'none'}, max rank {v['max_rank']}, "
-            f"TF GPU analyzer: {'compatible' if v['gpu_compatible'] else 'issues'}")
+            f"GPU delegate: {'compatible' if v['gpu_compatible'] else 'ISSUES'}")
     for name, p in report.get("parity", {}).items():
-        lines.append(f"  parity {name}: max abs diff {p['max_abs_diff']:.2e} "
-                     f"({'PASS' if p['passed'] else 'FAIL'})")
+        lines.append(f"  parity {name}: {'PASS' if p['passed'] else 'FAIL'} "
+                     f"({p['summary']})")
     return "\n".join(lines) + "\n"
 
 

@@ -45,9 +45,15 @@ def to_tensorflow(src: str | Path, dest: str | Path) -> Path:
 
 
 def load_saved_model_fn(path: str | Path) -> tuple[Callable, str, str]:
-    """The serving function of a SavedModel with its single input and output names."""
+    """The serving function of a SavedModel with its single input and output names.
+
+    The function keeps a reference to the loaded object (``fn.loaded``): its variables must stay
+    alive, and a model that embeds this function must track them to save itself.
+    """
     tf = quiet_tensorflow()
-    fn = tf.saved_model.load(str(path)).signatures["serving_default"]
+    loaded = tf.saved_model.load(str(path))
+    fn = loaded.signatures["serving_default"]
+    fn.loaded = loaded
     (input_name,) = fn.structured_input_signature[1].keys()
     (output_name,) = fn.structured_outputs.keys()
     return fn, input_name, output_name
@@ -69,6 +75,7 @@ def nchw_to_nhwc_function(saved_model: str | Path, input_shape_nhwc: tuple[int, 
         y = fn(**{input_name: tf.transpose(x, [0, 3, 1, 2])})[output_name]
         return tf.transpose(y, [0, 2, 3, 1])
 
+    nhwc.loaded = fn.loaded
     return nhwc
 
 

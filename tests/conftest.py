@@ -25,13 +25,21 @@ def photo_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def nafnet_export(tmp_path_factory):
-    """The paper-config NAFNet exported once at 64x96 through every stage (fp32 and fp16)."""
-    from export.pipeline import export_nafnet
+def fused_export(tmp_path_factory):
+    """Paper-config NAFNet + tiny random DPT, exported once at 64x96 through every stage, fp32
+    and fp16: NAFNet alone (nafnet_*.tflite) and fused (bokeh_*.tflite)."""
+    from export.pipeline import export
 
     out = tmp_path_factory.mktemp("export")
-    report = export_nafnet(out, SMALL_H, SMALL_W, echo=lambda s: None)
+    report = export(out, SMALL_H, SMALL_W, dpt_variant="tiny", dpt_short_side=64,
+                    echo=lambda s: None)
     return out, report
+
+
+@pytest.fixture(scope="session")
+def nafnet_export(fused_export):
+    """The NAFNet half of the shared export (its files are the same as a --no-fuse export's)."""
+    return fused_export
 
 
 @pytest.fixture

@@ -28,8 +28,8 @@ def test_every_stage_written_with_manifest_and_report(nafnet_export):
     assert manifest["outputs"][0]["shape"] == [1, SMALL_H, SMALL_W, 3]
     assert manifest["weights"]["checkpoint"] is None and manifest["warnings"]
     stages = [s["stage"] for s in json.loads((out / "report.json").read_text())["stages"]]
-    assert stages == ["onnx", "simplify", "rewrite", "tensorflow", "freeze", "tflite-fp32",
-                      "tflite-fp16"]
+    assert stages[:7] == ["onnx", "simplify", "rewrite", "tensorflow", "freeze",
+                          "tflite-nafnet-fp32", "tflite-nafnet-fp16"]
 
 
 @pytest.mark.parametrize("variant", ["fp32", "fp16"])
@@ -39,7 +39,7 @@ def test_tflite_is_builtin_only_rank4(nafnet_export, variant):
     assert info.flex_ops == [] and not any(op.startswith("Flex") for op in info.op_histogram)
     assert info.max_rank == 4
     assert "DEPTH_TO_SPACE" in info.op_histogram
-    assert report["variants"][variant]["max_rank"] == 4
+    assert report["variants"][f"nafnet_{variant}.tflite"]["max_rank"] == 4
 
 
 def test_parity_of_every_stage_within_1e4(nafnet_export, photo_dir):

@@ -42,14 +42,14 @@ def update_section(doc: Path, key: str, body: str) -> None:
 
 
 def bench_nafnet(out: Path, height: int, width: int, threads: int, runs: int) -> str:
-    from export.pipeline import export_nafnet
+    from export.pipeline import export
     from validate.parity import reference_model
 
     manifest_path = out / "nafnet_fp32.manifest.json"
     manifest = read_json(manifest_path) if manifest_path.is_file() else None
     if manifest is None or (manifest["height"], manifest["width"]) != (height, width):
         print(f"No {height}x{width} export in {out}: exporting first.")
-        export_nafnet(out, height, width, variants=("fp32",))
+        export(out, height, width, fuse=False, variants=("fp32",))
         manifest = read_json(manifest_path)
     model = reference_model(manifest)
     engines = {

@@ -6,6 +6,7 @@ A thin layer over validate.parity; exit 0 within tolerance, 1 outside it, 2 on b
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
     from export.io import UserError, write_json
     from export.pipeline import record_parity
     from models.nafnet import CheckpointError

@@ -19,12 +19,9 @@ import torch
 
 from export.io import UserError, fit_to_size, list_images, load_rgb, read_json
 from models.nafnet import load_nafnet, random_nafnet
+from models.pipeline import BokehPipeline
 
-FP32_ATOL = 1e-4
 PSNR_CAP = 200.0  # reported when outputs are identical (infinite PSNR does not fit in JSON)
-
-Runner = Callable[[np.ndarray], np.ndarray]  # NHWC [1,H,W,C] in, NHWC out
-
 
 @dataclass
 class ParityInput:
@@ -51,9 +48,7 @@ def read_manifest(tflite: str | Path) -> tuple[dict, Path]:
 
 
 def reference_model(manifest: dict, checkpoint: str | Path | None = None) -> torch.nn.Module:
-    """The PyTorch model the export came from: --checkpoint, else the manifest's weights."""
-    if manifest["model"] != "nafnet":
-        raise UserError(f"no PyTorch reference for model kind {manifest['model']!r}")
+    """The PyTorch NAFNet the export came from: --checkpoint, else the manifest's weights."""
     weights = manifest.get("weights", {})
     path = checkpoint or weights.get("checkpoint")
     if path:
@@ -61,48 +56,99 @@ def reference_model(manifest: dict, checkpoint: str | Path | None = None) -> tor
     return random_nafnet(manifest["nafnet_config"], weights.get("random_seed") or 0)
 
 
-def torch_runner(model: torch.nn.Module) -> Runner:
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            y = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
-        return y.numpy().transpose(0, 2, 3, 1)
+def reference_pipeline(manifest: dict, checkpoint: str | Path | None = None) -> BokehPipeline:
+    """The PyTorch reference of a fused export: its DPT, its NAFNet, its DPT input size."""
+    from models.dpt import DPT, DPTConfig, random_dpt
 
-    return run
+    depth = manifest.get("dpt") or {}
+    if "config" not in depth or "input_size" not in depth:
+        raise UserError("manifest of a fused model has no 'dpt' config and input size")
+    if depth.get("checkpoint"):
+        dpt = DPT.from_midas_checkpoint(depth["checkpoint"])
+    else:
+        config = {k: tuple(v) if isinstance(v, list) else v for k, v in depth["config"].items()}
+        dpt = random_dpt(DPTConfig(**config), depth.get("random_seed") or 0)
+    return BokehPipeline(dpt.eval(), reference_model(manifest, checkpoint),
+                         tuple(depth["input_size"])).eval()
 
 
-def stage_runner(stage: dict, folder: Path) -> Runner:
-    """Wrap one artifact's engine so it takes and returns NHWC whatever its own layout."""
+class Reference:
+    """PyTorch outputs, NHWC, for both roles a stage can play: NAFNet alone or the fused model."""
+
+    def __init__(self, manifest: dict, checkpoint: str | Path | None = None):
+        self.kind = manifest["model"]
+        if self.kind == "nafnet":
+            self.nafnet = reference_model(manifest, checkpoint)
+        elif self.kind == "bokeh":
+            self.pipeline = reference_pipeline(manifest, checkpoint)
+            self.nafnet = self.pipeline.nafnet
+        else:
+            raise UserError(f"no PyTorch reference for model kind {self.kind!r}")
+
+    @torch.no_grad()
+    def run(self, x: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+        """Per role, the stage input and the expected named outputs for one parity input."""
+        t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        if self.kind == "nafnet":
+            return {"nafnet": {"input": x, "output": _nhwc(self.nafnet(t))}}
+        bokeh, mask = self.pipeline(t)
+        nafnet_in = torch.cat([t, mask], dim=1)
+        return {
+            "nafnet": {"input": _nhwc(nafnet_in), "output": _nhwc(self.nafnet(nafnet_in))},
+            "bokeh": {"input": x, "bokeh": _nhwc(bokeh), "mask": _nhwc(mask)},
+        }
+
+
+def _nhwc(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.numpy().transpose(0, 2, 3, 1))
+
+
+def stage_runner(stage: dict, folder: Path) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """Wrap one artifact's engine: NHWC array in, named NHWC arrays out, whatever its layout."""
     path = folder / stage["path"]
     engine = stage["engine"]
+    nchw = stage.get("layout", "NHWC") == "NCHW"
     if engine == "onnx":
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        run = lambda x: session.run(None, {name: x})[0]  # noqa: E731
-    elif engine == "saved_model":
-        from export.tf_stages import load_saved_model_fn
+        names = [o.name for o in session.get_outputs()]
 
-        fn, in_name, out_name = load_saved_model_fn(path)
-        run = lambda x: fn(**{in_name: x})[out_name].numpy()  # noqa: E731
+        def run(x):
+            return dict(zip(names, session.run(None, {name: x}), strict=True))
+    elif engine == "saved_model":
+        from export.tf_stages import quiet_tensorflow
+
+        fn = quiet_tensorflow().saved_model.load(str(path)).signatures["serving_default"]
+        (in_name,) = fn.structured_input_signature[1].keys()
+
+        def run(x):
+            return {k: v.numpy() for k, v in fn(**{in_name: x}).items()}
     elif engine == "frozen_graph":
         from export.tf_stages import run_frozen_graph
 
-        run = lambda x: run_frozen_graph(path, {"input": x}, ("output",))[0]  # noqa: E731
+        outs = tuple(stage.get("outputs", ["output"]))
+        (in_name,) = stage.get("inputs", ["input"])
+
+        def run(x):
+            return dict(zip(outs, run_frozen_graph(path, {in_name: x}, outs), strict=True))
     elif engine == "tflite":
         from export.tflite_stage import make_interpreter
 
         interpreter = make_interpreter(path)
-        inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+        inp = interpreter.get_input_details()[0]
+        outs = interpreter.get_output_details()
 
         def run(x):
             interpreter.set_tensor(inp["index"], x)
             interpreter.invoke()
-            return interpreter.get_tensor(out["index"]).copy()
+            return {d["name"]: interpreter.get_tensor(d["index"]).copy() for d in outs}
     else:
         raise UserError(f"unknown engine {engine!r} for stage {stage['name']}")
-    if stage.get("layout", "NHWC") == "NCHW":
-        return lambda x: run(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).transpose(0, 2, 3, 1)
+    if nchw:
+        return lambda x: {k: v.transpose(0, 2, 3, 1) for k, v in
+                          run(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).items()}
     return run
 
 
@@ -115,13 +161,22 @@ def stand_in_mask(rgb: np.ndarray) -> np.ndarray:
 
 def parity_inputs(manifest: dict, images: str | Path | None, num_random: int = 2,
                   seed: int = 0, echo: Callable[[str], None] = print) -> list[ParityInput]:
-    """Photos from a folder fitted to the model's static size, else seeded random inputs."""
+    """Photos from a folder fitted to the model's static size, else seeded random inputs.
+
+    Random photos are smooth (low-resolution noise upsampled), so a depth net sees structure
+    and its disparity range is not degenerate.
+    """
     _, height, width, channels = manifest["inputs"][0]["shape"]
     if images is None:
         rng = np.random.default_rng(seed)
-        return [ParityInput(f"random-{i}", rng.random((1, height, width, channels),
-                                                      dtype=np.float32))
-                for i in range(num_random)]
+        result = []
+        for i in range(num_random):
+            coarse = torch.from_numpy(rng.random((1, channels, 8, 12), dtype=np.float32))
+            smooth = torch.nn.functional.interpolate(coarse, (height, width), mode="bilinear")
+            noise = rng.random((1, height, width, channels), dtype=np.float32)
+            value = 0.8 * smooth.numpy().transpose(0, 2, 3, 1) + 0.2 * noise
+            result.append(ParityInput(f"random-{i}", value.astype(np.float32)))
+        return result
     result = []
     for path in list_images(images):
         rgb, how = fit_to_size(load_rgb(path), height, width)
@@ -142,13 +197,44 @@ def compare(reference: np.ndarray, output: np.ndarray) -> dict:
             "psnr_db": round(psnr, 2)}
 
 
-def stage_tolerance(stage: dict, manifest: dict, atol: float | None) -> dict:
-    """--atol wins; else TFLite uses its variant's manifest tolerance and fp32 stages 1e-4."""
-    if atol is not None:
-        return {"atol": atol}
+def stage_tolerance(stage: dict, manifest: dict, atol: float | None) -> dict[str, dict]:
+    """Per output: the TFLite file's manifest tolerance; fp32 defaults for earlier stages;
+    ``--atol`` replaces every absolute bound."""
+    from export.pipeline import TOLERANCE
+
     if stage["engine"] == "tflite":
-        return dict(manifest.get("tolerance", {"atol": FP32_ATOL}))
-    return {"atol": FP32_ATOL}
+        tol = manifest["tolerance"]
+    else:
+        tol = TOLERANCE[stage.get("role", manifest["model"])]["fp32"]
+    tol = {name: dict(t) for name, t in tol.items()}
+    if atol is not None:
+        for t in tol.values():
+            t["atol"] = atol
+    return tol
+
+
+def _within(row: dict, tol: dict) -> bool:
+    return ("error" not in row and row["max_abs_diff"] <= tol.get("atol", math.inf)
+            and row["psnr_db"] >= tol.get("min_psnr", -math.inf))
+
+
+def _check_stage(stage: dict, run, inputs, expected, tol) -> dict:
+    role = stage.get("role", "nafnet")
+    rows = []
+    for inp, ref in zip(inputs, expected, strict=True):
+        got = run(ref[role]["input"])
+        for name in tol:
+            want = ref[role].get(name) if "against" not in stage else ref["tflite"][name]
+            row = {"input": inp.label, "output": name}
+            if name not in got:
+                row["error"] = f"no output named {name!r} (has {sorted(got)})"
+            elif got[name].shape != want.shape:
+                row["error"] = f"shape {list(got[name].shape)} != {list(want.shape)}"
+            else:
+                row.update(compare(want, got[name]))
+            rows.append(row)
+    return {"stage": stage["name"], "artifact": stage["path"], "tolerance": tol,
+            "passed": all(_within(r, tol[r["output"]]) for r in rows), "inputs": rows}
 
 
 def run_parity(
@@ -159,56 +245,67 @@ def run_parity(
     num_random: int = 2,
     echo: Callable[[str], None] = print,
 ) -> dict:
-    """Diff every stage present against PyTorch; the result says per stage whether it passed."""
+    """Diff every stage present against PyTorch; the result says per stage whether it passed.
+
+    A reduced-precision variant is also compared with its fp32 sibling when that file exists.
+    """
     tflite = Path(tflite)
     manifest, folder = read_manifest(tflite)
-    reference = torch_runner(reference_model(manifest, checkpoint))
+    reference = Reference(manifest, checkpoint)
     inputs = parity_inputs(manifest, images, num_random, echo=echo)
-    stages = [s for s in manifest["stages"] if (folder / s["path"]).exists()]
-    stages.append({"name": f"tflite-{manifest.get('variant', '')}".rstrip("-"),
-                   "engine": "tflite", "path": tflite.name, "layout": "NHWC"})
-    expected = [o["shape"] for o in manifest["outputs"]]
-    references = [reference(i.value) for i in inputs]
-    if [list(r.shape) for r in references[:1]] != expected[:1]:
-        raise UserError(f"PyTorch reference gives {references[0].shape}, manifest says "
-                        f"{expected[0]}: the checkpoint does not match this export")
+    expected = [reference.run(i.value) for i in inputs]
+    kind = manifest["model"]
+    final = {"name": f"tflite-{manifest.get('variant', '')}".rstrip("-"), "engine": "tflite",
+             "path": tflite.name, "layout": "NHWC", "role": kind}
+    stages = [s for s in manifest["stages"] if (folder / s["path"]).exists()] + [final]
     results = []
     for stage in stages:
-        tol = stage_tolerance(stage, manifest, atol)
-        run = stage_runner(stage, folder)
-        rows = []
-        for inp, ref in zip(inputs, references, strict=True):
-            out = run(inp.value)
-            if out.shape != ref.shape:
-                rows.append({"input": inp.label, "error": f"shape {list(out.shape)} != "
-                                                          f"{list(ref.shape)}"})
-                continue
-            rows.append({"input": inp.label, **compare(ref, out)})
-        passed = all("error" not in r and r["max_abs_diff"] <= tol["atol"]
-                     and r["psnr_db"] >= tol.get("min_psnr", 0.0) for r in rows)
-        worst = max((r.get("max_abs_diff", math.inf) for r in rows), default=0.0)
-        results.append({"stage": stage["name"], "artifact": stage["path"], "tolerance": tol,
-                        "passed": passed, "max_abs_diff": worst, "inputs": rows})
+        echo(f"  running {stage['name']} ...")
+        results.append(_check_stage(stage, stage_runner(stage, folder), inputs, expected,
+                                    stage_tolerance(stage, manifest, atol)))
+    sibling = tflite.with_name(tflite.name.replace(f"_{manifest.get('variant')}.", "_fp32."))
+    if manifest.get("variant", "fp32") != "fp32" and sibling.is_file():
+        fp32_run = stage_runner({**final, "path": sibling.name}, folder)
+        for ref in expected:
+            ref["tflite"] = fp32_run(ref[kind]["input"])
+        results.append(_check_stage({**final, "name": f"{final['name']} vs {sibling.name}",
+                                     "against": sibling.name}, stage_runner(final, folder),
+                                    inputs, expected, stage_tolerance(final, manifest, atol)))
+    last = next(r for r in results if r["stage"] == final["name"])
     return {
-        "tflite": tflite.name, "model": manifest["model"], "variant": manifest.get("variant"),
+        "tflite": tflite.name, "model": kind, "variant": manifest.get("variant"),
         "inputs": [i.label for i in inputs], "stages": results,
         "passed": all(r["passed"] for r in results),
-        "max_abs_diff": results[-1]["max_abs_diff"],
+        "max_abs_diff": max((r.get("max_abs_diff", math.inf) for r in last["inputs"]),
+                            default=0.0),
+        "summary": _summary(last),
     }
 
 
+def _summary(stage: dict) -> str:
+    parts = []
+    for name in stage["tolerance"]:
+        rows = [r for r in stage["inputs"] if r["output"] == name and "error" not in r]
+        if rows:
+            parts.append(f"{name} max abs {max(r['max_abs_diff'] for r in rows):.1e}, "
+                         f"min PSNR {min(r['psnr_db'] for r in rows):.1f} dB")
+    return "; ".join(parts) or "no comparable output"
+
+
 def format_table(result: dict) -> str:
-    """One row per stage and input: what a person reads in the terminal."""
-    lines = [f"{'stage':<16} {'input':<22} {'max abs':>10} {'mean abs':>10} {'PSNR dB':>8}  "
-             f"{'verdict'}"]
+    """One row per stage, input and output: what a person reads in the terminal."""
+    lines = [f"{'stage':<34} {'input':<16} {'output':<7} {'max abs':>9} {'mean abs':>9} "
+             f"{'PSNR dB':>8}  verdict"]
     for stage in result["stages"]:
-        verdict = "ok" if stage["passed"] else f"FAIL (atol {stage['tolerance']['atol']:g})"
         for row in stage["inputs"]:
+            head = f"{stage['stage'][:34]:<34} {row['input'][:16]:<16} {row['output']:<7}"
             if "error" in row:
-                lines.append(f"{stage['stage']:<16} {row['input']:<22} {row['error']}")
+                lines.append(f"{head} {row['error']}")
                 continue
-            lines.append(f"{stage['stage']:<16} {row['input'][:22]:<22} "
-                         f"{row['max_abs_diff']:>10.2e} {row['mean_abs_diff']:>10.2e} "
+            tol = stage["tolerance"][row["output"]]
+            verdict = "ok" if _within(row, tol) else "FAIL (" + ", ".join(
+                f"{k} {v:g}" for k, v in tol.items()) + ")"
+            lines.append(f"{head} {row['max_abs_diff']:>9.2e} {row['mean_abs_diff']:>9.2e} "
                          f"{row['psnr_db']:>8.1f}  {verdict}")
     lines.append("PASS: every stage within tolerance" if result["passed"]
                  else "FAIL: " + ", ".join(s["stage"] for s in result["stages"]
