@@ -7,6 +7,7 @@ OUT ?= build/export
 HEIGHT ?= 1024
 WIDTH ?= 1536
 NAFNET_CKPT ?=
+DPT_WEIGHTS ?=
 EXPORT_ARGS ?=
 
 .PHONY: setup test export bench lint clean
@@ -21,10 +22,15 @@ setup: $(VENV_STAMP)
 test: $(VENV_STAMP)
 	$(BIN)/python -m pytest -q
 
+# The fused photo -> bokeh model (and NAFNet alone beside it), then parity of every stage.
 export: $(VENV_STAMP)
 	$(BIN)/bokeh-export --out $(OUT) --height $(HEIGHT) --width $(WIDTH) \
-		$(if $(NAFNET_CKPT),--checkpoint $(NAFNET_CKPT)) $(EXPORT_ARGS)
-	$(BIN)/validate parity --tflite $(OUT)/nafnet_fp32.tflite
+		$(if $(NAFNET_CKPT),--checkpoint $(NAFNET_CKPT)) \
+		$(if $(DPT_WEIGHTS),--dpt-weights $(DPT_WEIGHTS)) $(EXPORT_ARGS)
+	$(BIN)/validate parity --tflite $(OUT)/bokeh_fp32.tflite --num-random 1
+	$(BIN)/validate parity --tflite $(OUT)/bokeh_fp16.tflite --num-random 1 --tflite-only
+	@echo "TFLite models: $$(ls $(OUT)/*.tflite | tr '\n' ' ')"
+	@echo "Report: $(OUT)/report.txt"
 
 bench: $(VENV_STAMP)
 	$(BIN)/python -m validate.bench --out $(OUT) --height $(HEIGHT) --width $(WIDTH) \

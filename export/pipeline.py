@@ -144,6 +144,10 @@ def export(
     for v in variants:
         if v not in tflite_stage.VARIANTS:
             raise UserError(f"unknown variant {v!r}; this export writes {tflite_stage.VARIANTS}")
+    if not 12 <= opset <= 15:
+        raise UserError(f"opset {opset} is outside 12-15, the range onnx-tf 1.10 converts")
+    if fuse and (dpt_short_side < 32 or dpt_short_side % 32):
+        raise UserError(f"--dpt-short-side {dpt_short_side} must be a positive multiple of 32")
     out = ensure_writable_dir(out_dir)
     model, weights = load_generator(checkpoint, seed)
     warnings = [RANDOM_WEIGHTS_WARNING.format(seed=seed)] if checkpoint is None else []

@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(default: 1e-4, the manifest's for TFLite)")
     par.add_argument("--num-random", type=int, default=2,
                      help="random inputs when no --images (default %(default)s)")
+    par.add_argument("--tflite-only", action="store_true",
+                     help="check the TFLite file alone, not the earlier stages")
     par.add_argument("--json", help="also write the full result to this JSON file")
     return p
 
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             ensure_writable_dir(Path(args.json).resolve().parent)
         print(f"Parity of {args.tflite} against PyTorch:")
         result = run_parity(args.tflite, args.checkpoint, args.images, args.atol,
-                            args.num_random)
+                            args.num_random, tflite_only=args.tflite_only)
     except (UserError, CheckpointError) as exc:
         print(f"validate: error: {exc}", file=sys.stderr)
         return 2

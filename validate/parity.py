@@ -244,6 +244,7 @@ def run_parity(
     atol: float | None = None,
     num_random: int = 2,
     echo: Callable[[str], None] = print,
+    tflite_only: bool = False,
 ) -> dict:
     """Diff every stage present against PyTorch; the result says per stage whether it passed.
 
@@ -257,7 +258,8 @@ def run_parity(
     kind = manifest["model"]
     final = {"name": f"tflite-{manifest.get('variant', '')}".rstrip("-"), "engine": "tflite",
              "path": tflite.name, "layout": "NHWC", "role": kind}
-    stages = [s for s in manifest["stages"] if (folder / s["path"]).exists()] + [final]
+    earlier = [] if tflite_only else manifest["stages"]
+    stages = [s for s in earlier if (folder / s["path"]).exists()] + [final]
     results = []
     for stage in stages:
         echo(f"  running {stage['name']} ...")

@@ -1,0 +1,112 @@
+"""The fused photo -> bokeh model: DPT (TensorFlow) + NAFNet (onnx-tf) in one TFLite graph."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from export.cli import main as export_main
+from export.tflite_stage import inspect_tflite
+from models.pipeline import normalize_per_image, resize_bilinear
+from validate.parity import Reference, parity_inputs, read_manifest, run_parity
+
+
+def test_fused_tflite_matches_pytorch_pipeline_on_photos(fused_export, photo_dir):
+    out, _ = fused_export
+    result = run_parity(out / "bokeh_fp32.tflite", images=photo_dir, echo=lambda s: None)
+    assert result["passed"], result["summary"]
+    final = result["stages"][-1]
+    assert final["stage"] == "tflite-fp32"
+    for row in final["inputs"]:
+        if row["output"] == "mask":
+            assert row["max_abs_diff"] <= 1e-3
+        else:
+            assert row["psnr_db"] >= 60
+    names = [s["stage"] for s in result["stages"]]
+    assert "bokeh-savedmodel" in names and "bokeh-frozen-graph" in names
+
+
+def test_reference_mask_is_not_degenerate(fused_export, photo_dir):
+    """Parity on a constant mask would prove little: the random DPT must give real structure."""
+    out, _ = fused_export
+    manifest, _ = read_manifest(out / "bokeh_fp32.tflite")
+    ref = Reference(manifest)
+    for inp in parity_inputs(manifest, photo_dir, echo=lambda s: None):
+        mask = ref.run(inp.value)["bokeh"]["mask"]
+        assert mask.min() == 0.0 and mask.max() == pytest.approx(1.0)
+        assert mask.std() > 0.05
+
+
+def test_fp16_within_45db_of_fp32(fused_export, photo_dir):
+    out, _ = fused_export
+    result = run_parity(out / "bokeh_fp16.tflite", images=photo_dir, echo=lambda s: None)
+    versus = result["stages"][-1]
+    assert versus["stage"] == "tflite-fp16 vs bokeh_fp32.tflite"
+    assert versus["passed"]
+    assert min(r["psnr_db"] for r in versus["inputs"] if r["output"] == "bokeh") >= 45
+
+
+@pytest.mark.parametrize("variant", ["fp32", "fp16"])
+def test_fused_variants_builtin_only_rank4_with_gpu_verdict(fused_export, variant):
+    out, report = fused_export
+    info = inspect_tflite(out / f"bokeh_{variant}.tflite")
+    assert info.flex_ops == [] and info.max_rank <= 4
+    assert [t["name"] for t in info.inputs] == ["photo"]
+    assert sorted(t["name"] for t in info.outputs) == ["bokeh", "mask"]
+    entry = report["variants"][f"bokeh_{variant}.tflite"]
+    assert entry["gpu_compatible"] is True and entry["flex_ops"] == []
+    manifest = json.loads((out / f"bokeh_{variant}.manifest.json").read_text())
+    assert manifest["dpt"]["input_size"] == [64, 96]
+    assert any("MEANINGLESS" in w for w in manifest["warnings"])
+
+
+def test_resize_matches_tflite_resize_bilinear():
+    """The reference's resize is the same math as TensorFlow's half-pixel bilinear resize."""
+    from export.tf_stages import quiet_tensorflow
+
+    tf = quiet_tensorflow()
+    x = np.random.default_rng(0).random((1, 3, 37, 53), dtype=np.float32)
+    for size in [(16, 24), (64, 96), (37, 53)]:
+        ours = resize_bilinear(torch.from_numpy(x), size).numpy().transpose(0, 2, 3, 1)
+        theirs = tf.compat.v1.image.resize_bilinear(
+            x.transpose(0, 2, 3, 1), size, half_pixel_centers=True).numpy()
+        assert np.abs(ours - theirs).max() <= 1e-6
+
+
+def test_mask_normalisation():
+    d = torch.tensor([[[[2.0, 4.0], [6.0, 10.0]]]])
+    np.testing.assert_allclose(normalize_per_image(d).flatten().tolist(), [0, 0.25, 0.5, 1.0])
+    assert normalize_per_image(torch.full((1, 1, 2, 2), 3.0)).abs().max() == 0
+
+
+def _line(capsys):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_corrupt_dpt_file_clear_error_and_nothing_written(tmp_path, capsys):
+    bad = tmp_path / "dpt_hybrid_384.pt"
+    bad.write_bytes(b"\x00" * 100)
+    out = tmp_path / "out"
+    code = export_main(["--out", str(out), "--height", "64", "--width", "96",
+                        "--dpt-weights", str(bad)])
+    assert code == 2
+    line = _line(capsys)
+    assert "dpt_hybrid_384.pt" in line and "expected a MiDaS DPT file" in line
+    assert not list(out.iterdir())
+
+
+def test_dpt_of_another_architecture(tmp_path, capsys):
+    from models.nafnet import NAFNet
+
+    path = tmp_path / "not_dpt.pt"
+    torch.save(NAFNet(width=8, enc_blocks=(1,), dec_blocks=(1,)).state_dict(), path)
+    code = export_main(["--out", str(tmp_path / "o"), "--height", "64", "--width", "96",
+                        "--dpt-weights", str(path)])
+    assert code == 2
+    line = _line(capsys)
+    assert "not_dpt.pt: not a MiDaS v3.0 DPT checkpoint" in line and "DPT-Hybrid" in line
