@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.nafnet import CheckpointError, extract_state_dict
+from models.nafnet import CheckpointError, read_checkpoint
 
 HYBRID_STEM_KEY = "pretrained.model.patch_embed.backbone.stem.conv.weight"
 LARGE_PATCH_KEY = "pretrained.model.patch_embed.proj.weight"
@@ -523,19 +523,7 @@ class DPT(nn.Module):
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat state dict, or raise ``CheckpointError``."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a corrupt or foreign file
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint; expected a MiDaS DPT file such as "
-            f"dpt_hybrid_384.pt ({exc})"
-        ) from None
-    try:
-        return extract_state_dict(raw)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
+    return read_checkpoint(path, "a MiDaS DPT file such as dpt_hybrid_384.pt")[1]
 
 
 def detect_variant(state: Mapping[str, torch.Tensor], path: Path | str = "checkpoint") -> str:

@@ -182,19 +182,30 @@ def extract_state_dict(obj: object) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_nafnet(path: str | Path, config: Mapping | None = None) -> NAFNet:
-    """Load a NAFNet checkpoint strictly; every failure is a ``CheckpointError`` naming the file."""
+def read_checkpoint(path: str | Path, expected: str = "a NAFNet checkpoint") -> tuple[object, dict]:
+    """``torch.load`` (weights only) and unwrap: the raw object and its flat state dict.
+
+    Every failure is one ``CheckpointError`` line naming the file and what was ``expected``.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint; expected {expected} ({reason})") from None
     try:
-        state = extract_state_dict(raw)
+        return raw, extract_state_dict(raw)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+
+
+def load_nafnet(path: str | Path, config: Mapping | None = None) -> NAFNet:
+    """Load a NAFNet checkpoint strictly; every failure is a ``CheckpointError`` naming the file."""
+    path = Path(path)
+    raw, state = read_checkpoint(path)
     saved_config = raw.get("nafnet_config") if isinstance(raw, Mapping) else None
     if config is None and isinstance(saved_config, Mapping):
         config = saved_config

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from export.io import UserError, read_json, write_bytes
 from validate.runtime import onnx_engine, tflite_engine, time_interleaved, torch_engine
@@ -41,47 +42,130 @@ def update_section(doc: Path, key: str, body: str) -> None:
     write_bytes(doc, text.encode())
 
 
-def bench_nafnet(out: Path, height: int, width: int, threads: int, runs: int) -> str:
+def ensure_export(out: Path, height: int, width: int) -> dict:
+    """The fused export's fp32 manifest at this size, exporting first when there is none."""
     from export.pipeline import export
-    from validate.parity import reference_model
 
-    manifest_path = out / "nafnet_fp32.manifest.json"
+    manifest_path = out / "bokeh_fp32.manifest.json"
     manifest = read_json(manifest_path) if manifest_path.is_file() else None
     if manifest is None or (manifest["height"], manifest["width"]) != (height, width):
-        print(f"No {height}x{width} export in {out}: exporting first.")
-        export(out, height, width, fuse=False, variants=("fp32",))
+        print(f"No fused {height}x{width} export in {out}: exporting first.")
+        export(out, height, width)
         manifest = read_json(manifest_path)
-    model = reference_model(manifest)
+    return manifest
+
+
+def _weights_line(manifest: dict) -> str:
+    def describe(record: dict | None) -> str:
+        if not record:
+            return "none"
+        return record["checkpoint"] or f"random (seed {record['random_seed']})"
+
+    return f"NAFNet weights: {describe(manifest['weights'])}; DPT weights: " \
+           f"{describe(manifest.get('dpt'))}"
+
+
+def _timing_table(stats: dict[str, dict], ref_name: str, diffs: bool) -> list[str]:
+    ref = stats[ref_name]
+    rows = ["| engine | median s | min s | p90 s | time vs PyTorch |"
+            + (" max abs diff vs PyTorch |" if diffs else ""),
+            "|---|---|---|---|---|" + ("---|" if diffs else "")]
+    for name, s in stats.items():
+        row = (f"| {name} | {s['median_s']:.3f} | {s['min_s']:.3f} | {s['p90_s']:.3f} | "
+               f"{s['median_s'] / ref['median_s']:.2f}x |")
+        if diffs:
+            diff = float(np.abs(s["output"] - ref["output"]).max())
+            row += f" {'-' if name == ref_name else f'{diff:.1e}'} |"
+        rows.append(row)
+    return rows
+
+
+def _header(title: str, command: str, manifest: dict, runs: int) -> list[str]:
+    return [f"## {title}", "",
+            f"Command: `{command}`. Machine: {cpu_name()}, {os.cpu_count()} cores. "
+            f"{_weights_line(manifest)}. Median of {runs} interleaved runs after one warm-up.",
+            ""]
+
+
+def bench_nafnet(out: Path, manifest: dict, threads: int, runs: int, command: str) -> str:
+    from validate.parity import reference_model
+
+    height, width = manifest["height"], manifest["width"]
     engines = {
-        "PyTorch eager": torch_engine(model, threads),
+        "PyTorch eager": torch_engine(reference_model(manifest), threads),
         "onnxruntime (nafnet_mobile.onnx)": onnx_engine(out / "nafnet_mobile.onnx", threads),
         "TFLite fp32 + XNNPACK (nafnet_fp32.tflite)": tflite_engine(
             out / "nafnet_fp32.tflite", threads),
     }
     x = np.random.default_rng(0).random((1, height, width, 4), dtype=np.float32)
-    print(f"Timing {len(engines)} engines, {runs} interleaved rounds, {threads} threads ...")
+    print(f"NAFNet: {len(engines)} engines, {runs} interleaved rounds, {threads} threads ...")
     stats = time_interleaved(engines, x, runs=runs, progress=lambda s: print(f"  {s}"))
-    ref_name = "PyTorch eager"
-    ref = stats[ref_name]
-    rows = []
-    for name, s in stats.items():
-        diff = float(np.abs(s["output"] - ref["output"]).max())
-        rows.append(f"| {name} | {s['median_s']:.3f} | {s['min_s']:.3f} | {s['p90_s']:.3f} | "
-                    f"{s['median_s'] / ref['median_s']:.2f}x | "
-                    f"{'-' if name == ref_name else f'{diff:.1e}'} |")
-    seed = manifest["weights"]["random_seed"]
-    weights = manifest["weights"]["checkpoint"] or f"random (seed {seed})"
-    return "\n".join([
-        f"## NAFNet {height}x{width}, fp32, {threads} threads",
-        "",
-        f"Command: `make bench` (`python -m validate.bench --height {height} --width {width} "
-        f"--threads {threads} --runs {runs}`). Machine: {cpu_name()}, {os.cpu_count()} cores. "
-        f"Weights: {weights}. Median of {runs} interleaved runs after one warm-up.",
-        "",
-        "| engine | median s | min s | p90 s | time vs PyTorch | max abs diff vs PyTorch |",
-        "|---|---|---|---|---|---|",
-        *rows,
-    ])
+    return "\n".join([*_header(f"NAFNet {height}x{width}, fp32, {threads} threads", command,
+                                manifest, runs),
+                      *_timing_table(stats, "PyTorch eager", diffs=True)])
+
+
+class _BokehOnly(torch.nn.Module):
+    """The reference pipeline with one output, so the timer treats it like any engine."""
+
+    def __init__(self, pipeline: torch.nn.Module):
+        super().__init__()
+        self.pipeline = pipeline
+
+    def forward(self, photo: torch.Tensor) -> torch.Tensor:
+        return self.pipeline(photo)[0]
+
+
+def bench_fused(out: Path, manifest: dict, threads: int, runs: int, command: str,
+                photos: Path | None) -> str:
+    from validate.parity import reference_pipeline, run_parity
+
+    height, width = manifest["height"], manifest["width"]
+    engines = {"PyTorch reference pipeline (DPT + NAFNet)": torch_engine(
+        _BokehOnly(reference_pipeline(manifest)), threads)}
+    for variant in ("fp32", "fp16"):
+        path = out / f"bokeh_{variant}.tflite"
+        if path.is_file():
+            engines[f"TFLite {variant} + XNNPACK ({path.name})"] = tflite_engine(path, threads)
+    x = np.random.default_rng(0).random((1, height, width, 3), dtype=np.float32)
+    print(f"Fused: {len(engines)} engines, {runs} interleaved rounds, {threads} threads ...")
+    stats = time_interleaved(engines, x, runs=runs, progress=lambda s: print(f"  {s}"))
+    lines = [*_header(f"Fused photo -> bokeh model {height}x{width}, {threads} threads",
+                      command, manifest, runs),
+             *_timing_table(stats, next(iter(engines)), diffs=False)]
+    if photos is not None:
+        names = ", ".join(p.stem for p in sorted(photos.iterdir()))
+        lines += ["", f"Parity on real photos ({names}; scikit-image), TFLite vs the PyTorch "
+                      "reference pipeline:", "",
+                  "| model | output | worst max abs diff | worst PSNR dB | tolerance | verdict |",
+                  "|---|---|---|---|---|---|"]
+        for variant in ("fp32", "fp16"):
+            path = out / f"bokeh_{variant}.tflite"
+            if not path.is_file():
+                continue
+            print(f"Parity of {path.name} on {photos} ...")
+            result = run_parity(path, images=photos, tflite_only=True, echo=lambda s: None)
+            for stage in result["stages"]:
+                for name, tol in stage["tolerance"].items():
+                    rows = [r for r in stage["inputs"] if r["output"] == name]
+                    worst = max(r["max_abs_diff"] for r in rows)
+                    psnr = min(r["psnr_db"] for r in rows)
+                    tol_text = ", ".join(f"{k} {v:g}" for k, v in tol.items())
+                    label = stage["stage"].replace("tflite-", "")
+                    lines.append(f"| {label} | {name} | {worst:.1e} | {psnr:.1f} | {tol_text} | "
+                                 f"{'pass' if stage['passed'] else 'FAIL'} |")
+    return "\n".join(lines)
+
+
+def write_photos(folder: Path) -> Path:
+    """The five scikit-image photos the fused parity goal names, as PNG files."""
+    import imageio.v3 as iio
+    import skimage.data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left"):
+        iio.imwrite(folder / f"{name}.png", getattr(skimage.data, name)())
+    return folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,15 +175,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=1536)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--no-photos", action="store_true", help="skip the real-photo parity table")
     p.add_argument("--doc", default="docs/benchmarks.md", help="markdown file to update")
     args = p.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    out = Path(args.out)
+    command = (f"make bench (python -m validate.bench --height {args.height} --width "
+               f"{args.width} --threads {args.threads} --runs {args.runs})")
     try:
-        section = bench_nafnet(Path(args.out), args.height, args.width, args.threads, args.runs)
+        manifest = ensure_export(out, args.height, args.width)
+        photos = None if args.no_photos else write_photos(out / "bench_photos")
+        sections = {
+            "nafnet": bench_nafnet(out, manifest, args.threads, args.runs, command),
+            "fused": bench_fused(out, manifest, args.threads, args.runs, command, photos),
+        }
     except UserError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 2
-    print(section)
-    update_section(Path(args.doc), "nafnet", section)
+    for key, section in sections.items():
+        print(section)
+        update_section(Path(args.doc), key, section)
     print(f"Updated {args.doc}")
     return 0
 

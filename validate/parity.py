@@ -234,7 +234,9 @@ def _check_stage(stage: dict, run, inputs, expected, tol) -> dict:
                 row.update(compare(want, got[name]))
             rows.append(row)
     return {"stage": stage["name"], "artifact": stage["path"], "tolerance": tol,
-            "passed": all(_within(r, tol[r["output"]]) for r in rows), "inputs": rows}
+            "passed": all(_within(r, tol[r["output"]]) for r in rows),
+            "max_abs_diff": max((r.get("max_abs_diff", math.inf) for r in rows), default=0.0),
+            "inputs": rows}
 
 
 def run_parity(
@@ -278,8 +280,7 @@ def run_parity(
         "tflite": tflite.name, "model": kind, "variant": manifest.get("variant"),
         "inputs": [i.label for i in inputs], "stages": results,
         "passed": all(r["passed"] for r in results),
-        "max_abs_diff": max((r.get("max_abs_diff", math.inf) for r in last["inputs"]),
-                            default=0.0),
+        "max_abs_diff": last["max_abs_diff"],
         "summary": _summary(last),
     }
 
