@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     qual.add_argument("--dpt-weights", help="MiDaS DPT file, with --checkpoint and no --tflite")
     qual.add_argument("--allow-random-dpt", action="store_true",
                       help="with --checkpoint and no --dpt-weights: random depth (meaningless)")
-    qual.add_argument("--lpips-weights", help="local LPIPS (AlexNet) weights; LPIPS is not "
-                                              "implemented yet, so this is refused for now")
+    qual.add_argument("--lpips-weights", nargs="+", metavar="FILE",
+                      help="local LPIPS weights: torchvision AlexNet (features.*) and the LPIPS "
+                           "v0.1 heads (lin0-4), one file or several; without: LPIPS n/a")
     qual.add_argument("--limit", type=int, help="score only the first N pairs")
     qual.add_argument("--json", help="also write the full result (per pair) to this JSON file")
     return p
@@ -89,13 +90,10 @@ def quality_main(args: argparse.Namespace) -> int:
     from validate.quality import evaluate, format_table
 
     try:
-        if args.lpips_weights:
-            raise UserError("--lpips-weights: LPIPS is not implemented yet; run without it "
-                            "(the LPIPS column then reads n/a)")
         if args.json:
             ensure_writable_dir(Path(args.json).resolve().parent)
         result = evaluate(args.data, args.tflite, args.checkpoint, args.dpt_weights,
-                          args.allow_random_dpt, args.limit)
+                          args.allow_random_dpt, args.limit, args.lpips_weights)
     except (UserError, CheckpointError) as exc:
         print(f"validate: error: {exc}", file=sys.stderr)
         return 2

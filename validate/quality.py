@@ -8,7 +8,8 @@ maps the result back to the original's size, and scores it against the bokeh pho
   PyTorch depth net: a non-learned baseline (to be replaced by the trainer's thin-lens renderer);
 - "PyTorch": the reference pipeline (DPT + NAFNet);
 - one row per TFLite variant given.
-SSIM follows DESIGN.md section 5 (11x11 Gaussian window, sigma 1.5, C1 = 0.01^2, C2 = 0.03^2).
+SSIM follows DESIGN.md section 5 (11x11 Gaussian window, sigma 1.5, C1 = 0.01^2, C2 = 0.03^2);
+LPIPS (AlexNet, v0.1) is computed only from local weight files (validate/lpips.py).
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ def evaluate(
     dpt_weights: str | Path | None = None,
     allow_random_dpt: bool = False,
     limit: int | None = None,
+    lpips_weights: Sequence[str | Path] | None = None,
     echo: Callable[[str], None] = print,
     progress: bool = True,
 ) -> dict:
@@ -130,6 +132,11 @@ def evaluate(
     from tools.render import TFLiteRenderer, TorchRenderer, render
 
     pairs = list_pairs(data, limit)
+    lpips = None
+    if lpips_weights:
+        from validate.lpips import load_lpips
+
+        lpips = load_lpips(lpips_weights)
     for _, original, bokeh in pairs:  # every file checked before the long work
         load_rgb(original), load_rgb(bokeh)
     if tflites:
@@ -143,7 +150,7 @@ def evaluate(
         echo(f"WARNING: {w}")
     rows = ["Identity (input)", "Classical blur", reference.label,
             *[f"TFLite {e.label}" for e in engines]]
-    scores: dict[str, list[tuple[float, float]]] = {r: [] for r in rows}
+    scores: dict[str, list[tuple[float, float, float]]] = {r: [] for r in rows}
     resized = 0
     for _, original_path, bokeh_path in tqdm(pairs, unit="pair", disable=not progress):
         rgb, target = load_rgb(original_path), load_rgb(bokeh_path)
@@ -154,14 +161,18 @@ def evaluate(
         outputs = [rgb, classical_blur(rgb, mask), ref_bokeh]
         outputs += [render(e, e.size, rgb)[0] for e in engines]
         for row, out in zip(rows, outputs, strict=True):
-            scores[row].append((psnr(target, out), ssim(target, out)))
+            scores[row].append((psnr(target, out), ssim(target, out),
+                                lpips.distance(target, out) if lpips else math.nan))
     result = {"data": str(data), "pairs": len(pairs), "resized_originals": resized,
-              "lpips": LPIPS_UNAVAILABLE, "rows": []}
+              "lpips": (f"LPIPS: AlexNet v0.1 from {', '.join(map(str, lpips_weights))}"
+                        if lpips else LPIPS_UNAVAILABLE), "rows": []}
     for row in rows:
         values = np.array(scores[row])
-        result["rows"].append({"model": row, "psnr": float(values[:, 0].mean()),
-                               "ssim": float(values[:, 1].mean()), "lpips": None,
-                               "per_pair": [[float(p), float(s)] for p, s in values]})
+        result["rows"].append({
+            "model": row, "psnr": float(values[:, 0].mean()), "ssim": float(values[:, 1].mean()),
+            "lpips": float(values[:, 2].mean()) if lpips else None,
+            "per_pair": [{"psnr": float(p), "ssim": float(s)} | (
+                {"lpips": float(d)} if lpips else {}) for p, s, d in values]})
     return result
 
 
