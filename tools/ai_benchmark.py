@@ -153,11 +153,12 @@ def make_bundle(out: str | Path, variant: str = "fp16", export_dir: str | Path =
 
     if variant not in DEFAULT_DELEGATE:
         raise UserError(f"unknown variant {variant!r}; expected one of {tuple(DEFAULT_DELEGATE)}")
-    delegate = delegate or DEFAULT_DELEGATE[variant]
-    if delegate not in DELEGATES:
-        raise UserError(f"unknown delegate {delegate!r}; expected one of {DELEGATES}")
     src = source_tflite(variant, export_dir, tflite)
     manifest, folder = read_manifest(src)
+    # the file's own variant decides the default delegate (--tflite bokeh_fp32.tflite -> CPU)
+    delegate = delegate or DEFAULT_DELEGATE.get(manifest.get("variant"), DEFAULT_DELEGATE[variant])
+    if delegate not in DELEGATES:
+        raise UserError(f"unknown delegate {delegate!r}; expected one of {DELEGATES}")
     info = inspect(src)
     dynamic = dynamic_dims(src)
     reasons = check_delegate(info, dynamic, delegate)
@@ -187,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where bokeh_{variant}.tflite is (default %(default)s)")
     p.add_argument("--tflite", help="bundle this .tflite instead (its manifest must be beside it)")
     p.add_argument("--delegate", choices=DELEGATES,
-                   help="delegate the bundle is for (default: gpu for fp16, cpu for fp32)")
+                   help="delegate the bundle is for (default: gpu for an fp16 model, cpu for "
+                        "fp32)")
     return p
 
 

@@ -116,7 +116,10 @@ def format_report(info, dynamic: list[str] | None = None, top_ops: int = 15) -> 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m tools.inspect", description=__doc__.splitlines()[0].split(": ", 1)[1])
+        prog="python -m tools.inspect",
+        description="What a .tflite holds and whether a phone GPU will take it: size, inputs and "
+                    "outputs, dynamic shapes, Flex ops, maximum rank, GPU delegate verdict with "
+                    "reasons, op histogram, largest tensors. Exit 2 on a missing or corrupt file.")
     p.add_argument("tflite", help="a .tflite file")
     p.add_argument("--json", action="store_true", help="print JSON instead of the text report")
     p.add_argument("--top", type=int, default=15, help="op kinds listed (default %(default)s)")

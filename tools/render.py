@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.size or args.dpt_weights or args.allow_random_dpt:
                 raise UserError("--size, --dpt-weights and --allow-random-dpt go with "
                                 "--checkpoint; a TFLite model has its own size and depth net")
+            if not args.tflite and not Path(DEFAULT_TFLITE).is_file():
+                raise UserError(f"{DEFAULT_TFLITE}: no such TFLite file; run `make export` "
+                                "or give --tflite / --checkpoint")
             renderer = TFLiteRenderer(args.tflite or DEFAULT_TFLITE, args.threads)
         out = ensure_writable_dir(args.out)
     except (UserError, CheckpointError) as exc:
