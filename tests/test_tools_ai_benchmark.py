@@ -7,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from tools_models import dynamic_tflite, flex_tflite
+from tools_models import dynamic_tflite, fake_manifest, flex_tflite
 
 from export.tflite_stage import TFLiteInfo
 from tools.ai_benchmark import check_delegate, main
@@ -112,3 +112,7 @@ def test_missing_export_and_missing_manifest(tmp_path, capsys):
     lone.write_bytes(b"x")
     assert main(["--tflite", str(lone), "--out", str(tmp_path / "b")]) == 2
     assert "lone.tflite: no manifest" in _error_line(capsys)
+    fake_manifest(lone, [1, 8, 8, 3])  # a manifest beside a corrupt file
+    assert main(["--tflite", str(lone), "--out", str(tmp_path / "b")]) == 2
+    assert "lone.tflite: not a readable TFLite model" in _error_line(capsys)
+    assert not (tmp_path / "b").exists()
