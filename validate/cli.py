@@ -1,6 +1,7 @@
 """`validate`: checks that an exported model computes what the PyTorch model computes.
 
-A thin layer over validate.parity; exit 0 within tolerance, 1 outside it, 2 on bad input.
+A thin layer over validate.parity (and validate.quality for `validate quality`); exit 0 within
+tolerance, 1 outside it, 2 on bad input.
 """
 
 from __future__ import annotations
@@ -31,12 +32,33 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--tflite-only", action="store_true",
                      help="check the TFLite file alone, not the earlier stages")
     par.add_argument("--json", help="also write the full result to this JSON file")
+    qual = sub.add_parser(
+        "quality", help="PSNR / SSIM / LPIPS on a paired folder, like the paper's tables",
+        description="Score the PyTorch model, each TFLite variant, the input itself and a "
+                    "classical blur against the bokeh photos of a paired folder (EBB! layout: "
+                    "DIR/original/NAME.jpg and DIR/bokeh/NAME.jpg). Prints a Markdown table "
+                    "Model | PSNR | SSIM | LPIPS. Exit 0, or 2 on bad input.")
+    qual.add_argument("--data", required=True, help="paired folder (original/ and bokeh/)")
+    qual.add_argument("--tflite", action="append", default=[],
+                      help="fused bokeh_*.tflite to score (repeat for several variants); the "
+                           "PyTorch row then uses the first one's weights and size")
+    qual.add_argument("--checkpoint", help="NAFNet checkpoint for the PyTorch row")
+    qual.add_argument("--dpt-weights", help="MiDaS DPT file, with --checkpoint and no --tflite")
+    qual.add_argument("--allow-random-dpt", action="store_true",
+                      help="with --checkpoint and no --dpt-weights: random depth (meaningless)")
+    qual.add_argument("--lpips-weights", nargs="+", metavar="FILE",
+                      help="local LPIPS weights: torchvision AlexNet (features.*) and the LPIPS "
+                           "v0.1 heads (lin0-4), one file or several; without: LPIPS n/a")
+    qual.add_argument("--limit", type=int, help="score only the first N pairs")
+    qual.add_argument("--json", help="also write the full result (per pair) to this JSON file")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
+    if args.command == "quality":
+        return quality_main(args)
     from export.io import UserError, write_json
     from export.pipeline import record_parity
     from models.nafnet import CheckpointError
@@ -60,6 +82,25 @@ def main(argv: list[str] | None = None) -> int:
     if (folder / manifest.get("report", "")).is_file() and not args.checkpoint:
         record_parity(folder / manifest["report"], result["tflite"], result)
     return 0 if result["passed"] else 1
+
+
+def quality_main(args: argparse.Namespace) -> int:
+    from export.io import UserError, ensure_writable_dir, write_json
+    from models.nafnet import CheckpointError
+    from validate.quality import evaluate, format_table
+
+    try:
+        if args.json:
+            ensure_writable_dir(Path(args.json).resolve().parent)
+        result = evaluate(args.data, args.tflite, args.checkpoint, args.dpt_weights,
+                          args.allow_random_dpt, args.limit, args.lpips_weights)
+    except (UserError, CheckpointError) as exc:
+        print(f"validate: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    if args.json:
+        write_json(args.json, result)
+    return 0
 
 
 if __name__ == "__main__":

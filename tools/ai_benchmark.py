@@ -1,0 +1,222 @@
+"""`python -m tools.ai_benchmark --variant fp16 --out DIR`: a folder to copy onto the phone.
+
+The AI Benchmark app (PRO mode, "Custom Model") runs one ``model.tflite`` from the phone's
+Download folder on the CPU, NNAPI or the GPU delegate. The bundle holds that file, a
+``manifest.json`` saying what it takes and returns, whether each delegate can run it and how close
+it is to PyTorch, and a short README.txt. A model the chosen delegate cannot run is refused here,
+with the reason, rather than on the phone with an error log: Flex ops, rank > 4 or a flagged op
+for the GPU delegate, and a dynamic shape for any delegate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from export.io import UserError, ensure_writable_dir, read_json, write_bytes, write_json
+from tools.inspect import dynamic_dims, gpu_verdict, human_bytes, inspect
+
+BUNDLE_FORMAT = "bokehlite-ai-benchmark/1"
+DELEGATES = ("gpu", "cpu", "nnapi")
+DEFAULT_DELEGATE = {"fp16": "gpu", "fp32": "cpu"}
+NOT_MEASURED = "not measured — run validate parity --tflite {path}"
+
+
+class Refused(UserError):
+    """The model cannot run on the delegate the bundle is for."""
+
+
+def source_tflite(variant: str, export_dir: str | Path, tflite: str | Path | None) -> Path:
+    """``--tflite`` if given, else the fused model of ``variant`` in the export folder."""
+    if tflite:
+        return Path(tflite)
+    path = Path(export_dir) / f"bokeh_{variant}.tflite"
+    if not path.is_file():
+        raise UserError(f"{path}: no such TFLite file; run `make export` first or give --tflite")
+    return path
+
+
+def check_delegate(info, dynamic: list[str], delegate: str) -> list[str]:
+    """Reasons the delegate cannot run the model (empty: it can); dynamic shapes fail all."""
+    reasons = [f"dynamic shape {d}: mobile delegates and AI Benchmark need static shapes"
+               for d in dynamic]
+    if delegate == "gpu":
+        verdict, gpu_reasons = gpu_verdict(info)
+        reasons += gpu_reasons
+    return reasons
+
+
+def parity_record(tflite: Path, manifest: dict, folder: Path) -> dict | str:
+    """The parity result `validate parity` wrote into the export's report.json, if any."""
+    report_path = folder / manifest.get("report", "report.json")
+    report = read_json(report_path) if report_path.is_file() else {}
+    result = (report.get("parity") or {}).get(tflite.name)
+    if not result:
+        return NOT_MEASURED.format(path=tflite)
+    final = next((s for s in result.get("stages", []) if s["stage"].startswith("tflite")
+                  and "vs" not in s["stage"]), None)
+    return {"passed": result.get("passed"), "summary": result.get("summary"),
+            "max_abs_diff": result.get("max_abs_diff"), "inputs": result.get("inputs"),
+            "tolerance": final["tolerance"] if final else manifest.get("tolerance"),
+            "against": "PyTorch reference (validate parity)"}
+
+
+def _io(tensors: list[dict], manifest_io: list[dict]) -> list[dict]:
+    described = {t["name"]: t for t in manifest_io}
+    return [{"name": t["name"], "shape": t["shape"], "dtype": t["dtype"],
+             "layout": described.get(t["name"], {}).get("layout", "NHWC"),
+             "range": described.get(t["name"], {}).get("range", [0.0, 1.0]),
+             "description": described.get(t["name"], {}).get("description", "")}
+            for t in tensors]
+
+
+def build_manifest(src: Path, data: bytes, info, manifest: dict, dynamic: list[str],
+                   delegate: str, parity: dict | str) -> dict:
+    verdict, gpu_reasons = gpu_verdict(info)
+    return {
+        "format": BUNDLE_FORMAT, "model": "model.tflite", "source": str(src.resolve()),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "kind": manifest["model"], "variant": manifest.get("variant"), "delegate": delegate,
+        "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+        "inputs": _io(info.inputs, manifest["inputs"]),
+        "outputs": _io(info.outputs, manifest["outputs"]),
+        "static_shapes": not dynamic,
+        "flex": {"required": bool(info.flex_ops), "ops": info.flex_ops},
+        "max_rank": info.max_rank,
+        "delegates": {
+            "gpu": {"compatible": verdict == "READY", "reasons": gpu_reasons,
+                    "notes": info.gpu_messages if verdict == "READY" else []},
+            "cpu": {"compatible": not dynamic,
+                    "notes": ["needs the Flex delegate"] if info.flex_ops else []},
+            "nnapi": {"compatible": None,
+                      "notes": ["depends on the phone's NNAPI driver; falls back to the CPU "
+                                "for unsupported ops"]},
+        },
+        "parity": parity,
+        "weights": {"nafnet": manifest.get("weights"),
+                    "dpt": {k: v for k, v in (manifest.get("dpt") or {}).items()
+                            if k != "config"} or None},
+        "warnings": manifest.get("warnings", []),
+    }
+
+
+def readme_text(bundle: dict) -> str:
+    """Short instructions for the person holding the phone."""
+    inp = bundle["inputs"][0]
+    shape = "x".join(map(str, inp["shape"]))
+    delegate = {"gpu": "TFLite GPU delegate (fp16)",
+                "cpu": "CPU (TFLite CPU / XNNPACK, fp32)",
+                "nnapi": "NNAPI"}[bundle["delegate"]]
+    parity = bundle["parity"]
+    parity_line = parity if isinstance(parity, str) else (
+        f"{'PASS' if parity['passed'] else 'FAIL'}: {parity['summary']}")
+    lines = [
+        f"bokehlite phone bundle: {bundle['kind']} {bundle['variant']} for the {delegate}",
+        "",
+        "1. Copy model.tflite to the phone's Download folder.",
+        "2. Open AI Benchmark -> PRO Mode -> Custom Model.",
+        f"3. Pick the {delegate}"
+        + ("; NNAPI is the alternative to try." if bundle["delegate"] != "nnapi" else "."),
+        f"4. Input: {inp['name']} {shape} {inp['dtype']}, {inp['layout']}, values in "
+        f"[{inp['range'][0]:g}, {inp['range'][1]:g}] (RGB).",
+        "5. Run; AI Benchmark reports the latency, or an error log if the delegate refused.",
+        "",
+        "Outputs: " + ", ".join(f"{o['name']} {'x'.join(map(str, o['shape']))}"
+                                for o in bundle["outputs"]) + ".",
+        f"Flex ops: {', '.join(bundle['flex']['ops']) or 'none'}; max tensor rank "
+        f"{bundle['max_rank']}; static shapes: {'yes' if bundle['static_shapes'] else 'NO'}.",
+        f"Parity with PyTorch: {parity_line}.",
+        f"sha256 {bundle['sha256']}",
+        "",
+        "Target of the paper: a Kirin 9000 phone, where the original model needed Flex ops and ran",
+        "12.9 s on the CPU with no GPU run at all.",
+    ]
+    if bundle["delegates"]["gpu"]["compatible"]:
+        lines[-1] += " This model has builtin ops only, rank <= 4 and static"
+        lines.append("shapes: the GPU delegate can take it.")
+    for w in bundle["warnings"]:
+        lines += ["", f"WARNING: {w}"]
+    return "\n".join(lines) + "\n"
+
+
+def make_bundle(out: str | Path, variant: str = "fp16", export_dir: str | Path = "build/export",
+                tflite: str | Path | None = None, delegate: str | None = None) -> dict:
+    """Check the model against the delegate, then write model.tflite, manifest.json, README.txt.
+
+    Raises ``Refused`` (a ``UserError``) when the delegate cannot run the model.
+    """
+    from validate.parity import read_manifest
+
+    if variant not in DEFAULT_DELEGATE:
+        raise UserError(f"unknown variant {variant!r}; expected one of {tuple(DEFAULT_DELEGATE)}")
+    src = source_tflite(variant, export_dir, tflite)
+    manifest, folder = read_manifest(src)
+    # the file's own variant decides the default delegate (--tflite bokeh_fp32.tflite -> CPU)
+    delegate = delegate or DEFAULT_DELEGATE.get(manifest.get("variant"), DEFAULT_DELEGATE[variant])
+    if delegate not in DELEGATES:
+        raise UserError(f"unknown delegate {delegate!r}; expected one of {DELEGATES}")
+    info = inspect(src)
+    dynamic = dynamic_dims(src)
+    reasons = check_delegate(info, dynamic, delegate)
+    if reasons:
+        raise Refused(f"{src}: refused for a {delegate.upper()} bundle: " + "; ".join(reasons))
+    out = ensure_writable_dir(out)
+    data = src.read_bytes()
+    bundle = build_manifest(src, data, info, manifest, dynamic, delegate,
+                            parity_record(src, manifest, folder))
+    write_bytes(out / "model.tflite", data)
+    write_json(out / "manifest.json", bundle)
+    write_bytes(out / "README.txt", readme_text(bundle).encode())
+    return bundle
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tools.ai_benchmark",
+        description="Bundle an exported model for the AI Benchmark app: model.tflite, "
+                    "manifest.json (inputs, outputs, delegates, Flex, parity, sha256) and "
+                    "README.txt. Refuses a model the chosen delegate cannot run.",
+        epilog="Then copy DIR/model.tflite to the phone's Download folder (see DIR/README.txt).")
+    p.add_argument("--out", required=True, help="bundle folder (created)")
+    p.add_argument("--variant", default="fp16", choices=tuple(DEFAULT_DELEGATE),
+                   help="fp16 for the GPU delegate, fp32 for the CPU (default %(default)s)")
+    p.add_argument("--export-dir", default="build/export",
+                   help="where bokeh_{variant}.tflite is (default %(default)s)")
+    p.add_argument("--tflite", help="bundle this .tflite instead (its manifest must be beside it)")
+    p.add_argument("--delegate", choices=DELEGATES,
+                   help="delegate the bundle is for (default: gpu for an fp16 model, cpu for "
+                        "fp32)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        bundle = make_bundle(args.out, args.variant, args.export_dir, args.tflite,
+                             args.delegate)
+    except UserError as exc:
+        print(f"ai_benchmark: error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    print(f"Bundle for AI Benchmark ({bundle['delegate'].upper()}): {out}/")
+    print(f"  model.tflite   {human_bytes(bundle['bytes'])}, sha256 {bundle['sha256'][:16]}...")
+    print(f"  input          {bundle['inputs'][0]['name']} "
+          f"{'x'.join(map(str, bundle['inputs'][0]['shape']))} {bundle['inputs'][0]['dtype']}")
+    parity = bundle["parity"]
+    print("  parity         " + (parity if isinstance(parity, str) else
+                                 f"{'PASS' if parity['passed'] else 'FAIL'} "
+                                 f"({parity['summary']})"))
+    for w in bundle["warnings"]:
+        print(f"  WARNING: {w}")
+    print(f"Next: copy {out}/model.tflite to the phone's Download folder, then AI Benchmark -> "
+          f"PRO Mode -> Custom Model (details in {out}/README.txt)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""`validate quality`: PSNR, SSIM (and the LPIPS column) on a paired folder, as in the paper.
+
+A paired folder has the EBB! layout: ``DIR/original/NAME.jpg`` (all-in-focus) and
+``DIR/bokeh/NAME.jpg`` (the lens's bokeh), paired by file stem. Every row renders each original,
+maps the result back to the original's size, and scores it against the bokeh photo there:
+- "Identity (input)": the original itself (what doing nothing scores);
+- "Classical blur": a disc blur of the background, weighted by 1 - mask, with the mask from the
+  PyTorch depth net: a non-learned baseline (to be replaced by the trainer's thin-lens renderer);
+- "PyTorch": the reference pipeline (DPT + NAFNet);
+- one row per TFLite variant given.
+SSIM follows DESIGN.md section 5 (11x11 Gaussian window, sigma 1.5, C1 = 0.01^2, C2 = 0.03^2);
+LPIPS (AlexNet, v0.1) is computed only from local weight files (validate/lpips.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from export.io import IMAGE_SUFFIXES, UserError, load_rgb
+from tools.images import resize
+
+LPIPS_UNAVAILABLE = "LPIPS: unavailable (no --lpips-weights)"
+PSNR_CAP = 100.0
+
+
+def list_pairs(data: str | Path, limit: int | None = None) -> list[tuple[str, Path, Path]]:
+    """(stem, original, bokeh) for every stem present in both ``original/`` and ``bokeh/``."""
+    data = Path(data)
+    folders = {}
+    for name in ("original", "bokeh"):
+        folder = data / name
+        if not folder.is_dir():
+            raise UserError(f"{data}: no '{name}/' folder (expected the EBB! layout "
+                            "DIR/original/*.jpg and DIR/bokeh/*.jpg)")
+        files = {}
+        for p in sorted(folder.iterdir()):
+            if p.suffix.lower() in IMAGE_SUFFIXES:
+                if p.stem in files:
+                    raise UserError(f"{p}: two files named {p.stem} in {folder}")
+                files[p.stem] = p
+        folders[name] = files
+    stems = sorted(set(folders["original"]) & set(folders["bokeh"]), key=_natural)
+    if not stems:
+        raise UserError(f"{data}: no pairs (no file stem in both original/ and bokeh/)")
+    stems = stems[:limit] if limit else stems
+    return [(s, folders["original"][s], folders["bokeh"][s]) for s in stems]
+
+
+def _natural(stem: str) -> tuple:
+    return (0, int(stem), "") if stem.isdigit() else (1, 0, stem)
+
+
+def psnr(reference: np.ndarray, output: np.ndarray) -> float:
+    mse = float(np.mean((reference.astype(np.float64) - output.astype(np.float64)) ** 2))
+    return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(1.0 / mse))
+
+
+def ssim(reference: np.ndarray, output: np.ndarray) -> float:
+    """Mean SSIM over the image and channels, Gaussian window as in the paper."""
+    from skimage.metrics import structural_similarity
+
+    return float(structural_similarity(
+        reference, output, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+        data_range=1.0, channel_axis=-1, K1=0.01, K2=0.03))
+
+
+def disc_kernel(radius: int) -> np.ndarray:
+    y, x = np.mgrid[-radius: radius + 1, -radius: radius + 1]
+    kernel = (x**2 + y**2 <= radius**2 + radius).astype(np.float32)  # a round disc
+    return kernel / kernel.sum()
+
+
+def classical_blur(rgb: np.ndarray, mask: np.ndarray, radius: int | None = None) -> np.ndarray:
+    """Disc-blurred photo where the mask says far (0), the photo where it says near (1).
+
+    The radius defaults to 1 % of the long side (15 px on an EBB! photo).
+    """
+    from scipy.signal import fftconvolve
+
+    radius = radius or max(1, round(0.01 * max(rgb.shape[:2])))
+    padded = np.pad(rgb, [(radius, radius), (radius, radius), (0, 0)], mode="reflect")
+    kernel = disc_kernel(radius)
+    blurred = np.stack([fftconvolve(padded[..., c], kernel, mode="valid")
+                        for c in range(rgb.shape[2])], axis=-1)
+    weight = np.clip(mask, 0.0, 1.0)[..., None]
+    return np.clip(weight * rgb + (1.0 - weight) * blurred, 0.0, 1.0).astype(np.float32)
+
+
+class ReferenceRenderer:
+    """The PyTorch reference of a fused export, at the export's static size."""
+
+    def __init__(self, tflite: str | Path, checkpoint: str | Path | None = None):
+        from validate.parity import read_manifest, reference_pipeline
+
+        manifest, _ = read_manifest(tflite)
+        if manifest["model"] != "bokeh":
+            raise UserError(f"{tflite}: is not a fused bokeh model; quality needs photo-in models")
+        self.pipeline = reference_pipeline(manifest, checkpoint)
+        self.size = tuple(int(d) for d in manifest["inputs"][0]["shape"][1:3])
+        weights = manifest.get("weights", {})
+        name = Path(checkpoint or weights.get("checkpoint") or "").name
+        self.label = f"PyTorch ({name or 'random weights'})"
+        self.warnings = list(manifest.get("warnings", [])) if checkpoint is None else []
+
+    def __call__(self, photo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(photo.transpose(2, 0, 1)))[None]
+        with torch.no_grad():
+            bokeh, mask = self.pipeline(x)
+        return bokeh[0].numpy().transpose(1, 2, 0), mask[0, 0].numpy()
+
+
+def evaluate(
+    data: str | Path,
+    tflites: Sequence[str | Path] = (),
+    checkpoint: str | Path | None = None,
+    dpt_weights: str | Path | None = None,
+    allow_random_dpt: bool = False,
+    limit: int | None = None,
+    lpips_weights: Sequence[str | Path] | None = None,
+    echo: Callable[[str], None] = print,
+    progress: bool = True,
+) -> dict:
+    """Score every row on every pair; the result holds per-row means and per-pair numbers."""
+    from tqdm import tqdm
+
+    from tools.render import TFLiteRenderer, TorchRenderer, render
+
+    pairs = list_pairs(data, limit)
+    lpips = None
+    if lpips_weights:
+        from validate.lpips import load_lpips
+
+        lpips = load_lpips(lpips_weights)
+    for _, original, bokeh in pairs:  # every file checked before the long work
+        load_rgb(original), load_rgb(bokeh)
+    if tflites:
+        reference = ReferenceRenderer(tflites[0], checkpoint)
+    elif checkpoint:
+        reference = TorchRenderer(checkpoint, dpt_weights, allow_random_dpt)
+    else:
+        raise UserError("nothing to score: give --checkpoint and/or --tflite")
+    engines = [TFLiteRenderer(t) for t in tflites]
+    for w in reference.warnings:
+        echo(f"WARNING: {w}")
+    rows = ["Identity (input)", "Classical blur", reference.label,
+            *[f"TFLite {e.label}" for e in engines]]
+    scores: dict[str, list[tuple[float, float, float]]] = {r: [] for r in rows}
+    resized = 0
+    for _, original_path, bokeh_path in tqdm(pairs, unit="pair", disable=not progress):
+        rgb, target = load_rgb(original_path), load_rgb(bokeh_path)
+        if rgb.shape != target.shape:
+            resized += 1
+            rgb = resize(rgb, *target.shape[:2])
+        ref_bokeh, mask, _ = render(reference, reference.size, rgb)
+        outputs = [rgb, classical_blur(rgb, mask), ref_bokeh]
+        outputs += [render(e, e.size, rgb)[0] for e in engines]
+        for row, out in zip(rows, outputs, strict=True):
+            scores[row].append((psnr(target, out), ssim(target, out),
+                                lpips.distance(target, out) if lpips else math.nan))
+    result = {"data": str(data), "pairs": len(pairs), "resized_originals": resized,
+              "lpips": (f"LPIPS: AlexNet v0.1 from {', '.join(map(str, lpips_weights))}"
+                        if lpips else LPIPS_UNAVAILABLE), "rows": []}
+    for row in rows:
+        values = np.array(scores[row])
+        result["rows"].append({
+            "model": row, "psnr": float(values[:, 0].mean()), "ssim": float(values[:, 1].mean()),
+            "lpips": float(values[:, 2].mean()) if lpips else None,
+            "per_pair": [{"psnr": float(p), "ssim": float(s)} | (
+                {"lpips": float(d)} if lpips else {}) for p, s, d in values]})
+    return result
+
+
+def format_table(result: dict) -> str:
+    """Markdown table in the paper's layout: Model | PSNR | SSIM | LPIPS."""
+    lines = [f"Quality on {result['data']} ({result['pairs']} pairs, scored at the bokeh "
+             "photos' size)", "",
+             "| Model | PSNR (dB) ↑ | SSIM ↑ | LPIPS ↓ |", "|---|---:|---:|---:|"]
+    for row in result["rows"]:
+        lpips = "n/a" if row["lpips"] is None else f"{row['lpips']:.4f}"
+        lines.append(f"| {row['model']} | {row['psnr']:.2f} | {row['ssim']:.4f} | {lpips} |")
+    lines += ["", result["lpips"]]
+    if result["resized_originals"]:
+        lines.append(f"{result['resized_originals']} originals differed in size from their "
+                     "bokeh photo and were resized to it")
+    return "\n".join(lines)
