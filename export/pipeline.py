@@ -68,6 +68,8 @@ class StageLog:
         if isinstance(artifact, Path):
             entry.update(artifact=artifact.name, bytes=_size(artifact))
             self.echo(f"  ok {name:<12} {seconds:6.1f} s  {artifact}  ({_human(entry['bytes'])})")
+        else:
+            self.echo(f"  ok {name:<12} {seconds:6.1f} s")
         self.stages.append(entry)
         return result
 
