@@ -28,7 +28,7 @@ from scipy.signal import fftconvolve
 def disc_kernel(radius: float) -> np.ndarray:
     """An anti-aliased, normalised disc of the given radius in pixels (radius 0: identity)."""
     r = max(float(radius), 0.0)
-    half = int(math.ceil(r + 0.5))
+    half = int(math.ceil(r + 0.5)) - 1  # farthest pixel with non-zero weight
     yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
     k = np.clip(r + 0.5 - np.hypot(yy, xx), 0.0, 1.0)
     return k / k.sum()
