@@ -186,3 +186,36 @@ def test_vgg19_refuses_random_weights_unless_allowed(tmp_path):
     torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(VGGWeightsError, match="bad.pth"):
         load_vgg19_features(tmp_path / "bad.pth")
+
+
+# --- LPIPS ---------------------------------------------------------------------------------------
+
+
+def write_lpips_files(folder):
+    """Random weights in the layouts of torchvision's alexnet and the lpips package's alex.pth."""
+    from train.metrics import LPIPS
+
+    ref = LPIPS()
+    torch.manual_seed(0)
+    alex = {f"features.{k}": torch.randn_like(v) * 0.05
+            for k, v in ref.features.state_dict().items()}
+    alex["classifier.1.weight"] = torch.zeros(2, 2)
+    heads = {f"lin{i}.model.1.weight": torch.rand_like(lin.weight)
+             for i, lin in enumerate(ref.lins)}
+    torch.save(alex, folder / "alexnet.pth")
+    torch.save(heads, folder / "alex.pth")
+    return folder / "alex.pth", folder / "alexnet.pth"
+
+
+def test_lpips_loads_local_weights_and_behaves_like_a_distance(tmp_path):
+    from train.metrics import MetricWeightsError, load_lpips
+
+    heads, alex = write_lpips_files(tmp_path)
+    lpips = load_lpips(heads, alex)
+    a = nchw(photo("astronaut", 64))
+    b = nchw(gaussian(photo("astronaut", 64), sigma=2, channel_axis=-1))
+    assert lpips(a, a).item() == 0
+    d_ab, d_ba = lpips(a, b).item(), lpips(b, a).item()
+    assert d_ab > 0 and d_ab == pytest.approx(d_ba)
+    with pytest.raises(MetricWeightsError, match="alex.pth: not torchvision alexnet"):
+        load_lpips(alex, heads)  # swapped files

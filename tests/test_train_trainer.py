@@ -40,6 +40,8 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert trainer.main(tiny_args(tmp_path / "b", "--resume")) == 0
     a, b = final_state(tmp_path / "a"), final_state(tmp_path / "b")
     assert a["step"] == b["step"] == 6
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["lpips"] == "LPIPS unavailable: no --lpips-weights given"
     for part in ("model", "critics"):
         assert a[part].keys() == b[part].keys()
         for k in a[part]:
@@ -47,8 +49,12 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
 
 
 def test_run_outputs_and_export_ready_checkpoint(tmp_path):
+    from test_train_losses import write_lpips_files
+
+    heads, alex = write_lpips_files(tmp_path)
     out = tmp_path / "run"
-    assert trainer.main(tiny_args(out, "--keep", "2", "--ckpt-every", "1")) == 0
+    assert trainer.main(tiny_args(out, "--keep", "2", "--ckpt-every", "1", "--lpips-weights",
+                                  str(heads), "--alexnet-weights", str(alex))) == 0
     assert len(list((out / "checkpoints").glob("step_*.pt"))) == 2  # the last k only
     assert not list(out.rglob("*.tmp"))
     model = load_nafnet(out / "nafnet.pt")  # what `make export NAFNET_CKPT=...` loads
@@ -56,8 +62,8 @@ def test_run_outputs_and_export_ready_checkpoint(tmp_path):
     load_nafnet(sorted((out / "checkpoints").glob("step_*.pt"))[-1])  # full checkpoints too
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["images_per_s"]) == {"1", "2"}
-    assert {"psnr", "ssim"} <= set(summary["trained"]) and "identity" in summary
-    assert "LPIPS unavailable" in summary["lpips"]
+    assert {"psnr", "ssim", "lpips"} <= set(summary["trained"]) and "identity" in summary
+    assert "lpips" in (out / "val_log.csv").read_text().splitlines()[0]
     assert (out / "samples" / "epoch_002.png").is_file()
     header = (out / "train_log.csv").read_text().splitlines()[0]
     assert "l1" in header and "images_per_s" in header

@@ -113,12 +113,12 @@ def make_scene(seed: int, height: int = 160, width: int = 160, max_radius: float
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One synthetic pair: ``(input HxWx3, target HxWx3, mask HxW)`` float32 in [0,1].
 
-    ``max_radius`` (default 4% of the short side) is the blur radius at disparity difference 1.
+    ``max_radius`` (default 6% of the short side) is the blur radius at disparity difference 1.
     """
     rng = np.random.default_rng(seed)
     h, w = height, width
     if max_radius is None:
-        max_radius = 0.04 * min(h, w)
+        max_radius = 0.06 * min(h, w)
     short = min(h, w)
     layers = [(_texture(rng, h, w), np.ones((h, w), dtype=bool), 0.0)]
     for _ in range(int(rng.integers(1, 4))):

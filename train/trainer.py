@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -54,6 +54,7 @@ from train.losses import (
     stage1_loss,
     stage2_loss,
 )
+from train.metrics import LPIPS, MetricWeightsError, load_lpips, psnr
 
 # -----------------------------------------------------------------------------------------------
 # Configuration. A preset fills the defaults; any flag given on the command line wins.
@@ -65,7 +66,7 @@ PRESETS = {
     # A CPU smoke run on synthetic scenes that still learns: small images, a larger learning
     # rate, many short stage-1 epochs and one short stage-2 epoch.
     "quick": dict(data="synthetic", synthetic_train=256, synthetic_val=24, synthetic_size=128,
-                  crop=96, batch_size=4, epochs1=6, epochs2=1, lr=1e-3, critic_width=16,
+                  crop=96, batch_size=4, epochs1=8, epochs2=1, lr=1e-3, critic_width=16,
                   ckpt_every=100, log_every=5, samples=4, stage2_steps=20),
 }
 
@@ -130,10 +131,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--vgg-weights", type=Path, help="torchvision vgg19 weights (stage 2)")
     g.add_argument("--allow-random-vgg", action="store_true",
                    help="let stage 2 run on random VGG19 weights (smoke runs only)")
-    g.add_argument("--lpips-weights", type=Path, help="LPIPS AlexNet weights for validation")
+    g.add_argument("--lpips-weights", type=Path,
+                   help="LPIPS heads (lpips package weights/v0.1/alex.pth) for validation LPIPS")
+    g.add_argument("--alexnet-weights", type=Path,
+                   help="torchvision alexnet weights (alexnet-owt-7be5be79.pth) for LPIPS")
     g = p.add_argument_group("run")
     g.add_argument("--out", type=Path, default=Path("build/train"), help="run folder")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds an earlier run (deletes its "
+                        "checkpoints and logs)")
     g.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (and each epoch)")
     g.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     g.add_argument("--log-every", type=int, help="CSV/TensorBoard row every N steps")
@@ -242,27 +249,30 @@ def gather_rng(ddp: bool, world: int) -> list[dict]:
     return states
 
 
-def lpips_metric(path: Path | None):
-    """LPIPS needs local AlexNet + LPIPS weights; without them it is reported unavailable."""
-    if path is None:
-        return None, "LPIPS unavailable: no --lpips-weights given"
-    return None, f"LPIPS unavailable: loading {path} is not implemented yet"
+def lpips_metric(cfg: argparse.Namespace, device: torch.device) -> tuple[LPIPS | None, str]:
+    """LPIPS needs local LPIPS + AlexNet weights; without them it is reported unavailable."""
+    if cfg.lpips_weights is None or cfg.alexnet_weights is None:
+        missing = "--lpips-weights" if cfg.lpips_weights is None else "--alexnet-weights"
+        return None, f"LPIPS unavailable: no {missing} given"
+    return load_lpips(cfg.lpips_weights, cfg.alexnet_weights).to(device), "LPIPS (AlexNet)"
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module | None, dataset, device: torch.device) -> dict[str, float]:
-    """Mean PSNR and SSIM over a dataset; ``model=None`` scores the identity (output = input)."""
-    psnrs, ssims = [], []
+def evaluate(model: torch.nn.Module | None, dataset, device: torch.device,
+             lpips: LPIPS | None = None) -> dict[str, float]:
+    """Mean PSNR, SSIM (and LPIPS) over a dataset; ``model=None`` scores output = input."""
+    scores: dict[str, list[float]] = {"psnr": [], "ssim": []} | ({"lpips": []} if lpips else {})
     for i in range(len(dataset)):
         image, mask, target = (t[None].to(device) for t in dataset[i])
         if model is None:
             output = image
         else:
             output = model(torch.cat([image, mask], 1)).clamp(0, 1)
-        mse = (output - target).pow(2).mean().item()
-        psnrs.append(10 * math.log10(1 / max(mse, 1e-12)))
-        ssims.append(ssim(output, target).item())
-    return dict(psnr=float(np.mean(psnrs)), ssim=float(np.mean(ssims)))
+        scores["psnr"].append(psnr(output, target))
+        scores["ssim"].append(ssim(output, target).item())
+        if lpips:
+            scores["lpips"].append(lpips(output, target).item())
+    return {k: float(np.mean(v)) for k, v in scores.items()}
 
 
 @torch.no_grad()
@@ -284,6 +294,13 @@ class CsvLog:
 
     def __init__(self, path: Path):
         self.path = path
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after ``step`` (a resumed run logs them again)."""
+        if self.path.exists():
+            lines = self.path.read_text().splitlines(keepends=True)
+            keep = lines[:1] + [r for r in lines[1:] if int(r.split(",", 1)[0]) <= step]
+            atomic_text(self.path, "".join(keep))
 
     def write(self, row: dict) -> None:
         new = not self.path.exists()
@@ -328,9 +345,23 @@ def train(cfg: argparse.Namespace) -> dict:
     else:
         rank, world, device = 0, 1, torch.device(cfg.device)
     master = rank == 0
+    if cfg.keep < 1:
+        raise ConfigError("--keep must be at least 1")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out, ckpt_dir = Path(cfg.out), Path(cfg.out) / "checkpoints"
+    if not cfg.resume and checkpoints(ckpt_dir):
+        if not cfg.overwrite:
+            raise ConfigError(f"{out} holds an earlier run: pass --resume to continue it, "
+                              "--overwrite to start afresh, or another --out")
+        if master:
+            for old in [*checkpoints(ckpt_dir), out / "train_log.csv", out / "val_log.csv",
+                        out / "summary.json", out / "nafnet.pt"]:
+                old.unlink(missing_ok=True)
+            for folder in ("tensorboard", "samples"):
+                shutil.rmtree(out / folder, ignore_errors=True)
+    if ddp:
+        dist.barrier()
     if master:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (out / "samples").mkdir(exist_ok=True)
@@ -402,11 +433,9 @@ def train(cfg: argparse.Namespace) -> dict:
                   file=sys.stderr)
         if master:
             print(f"resumed from {path} (step {step}, epoch {epoch}, batch {batch_in_epoch})")
-    last_good = checkpoints(ckpt_dir)[-1] if master and checkpoints(ckpt_dir) else None
 
     def save_checkpoint() -> Path | None:
         """Everything needed to continue exactly; every rank joins (RNG gather), rank 0 writes."""
-        nonlocal last_good
         states = gather_rng(ddp, world)
         if not master:
             return None
@@ -418,7 +447,6 @@ def train(cfg: argparse.Namespace) -> dict:
             config=config_dict(cfg), world_size=world), path)
         for old in checkpoints(ckpt_dir)[:-cfg.keep]:
             old.unlink()
-        last_good = path
         return path
 
     model_raw = model
@@ -430,15 +458,17 @@ def train(cfg: argparse.Namespace) -> dict:
         critics_ddp = list(critics)
 
     # -- logging --------------------------------------------------------------------------------
-    train_log, val_log, tb, lpips_note = None, None, None, None
+    train_log, val_log, tb, lpips, lpips_note = None, None, None, None, None
     if master:
         train_log, val_log = CsvLog(out / "train_log.csv"), CsvLog(out / "val_log.csv")
+        train_log.truncate_after(step)
+        val_log.truncate_after(step)
         if not cfg.no_tensorboard:
             os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
             from torch.utils.tensorboard import SummaryWriter
 
             tb = SummaryWriter(str(out / "tensorboard"), purge_step=step or None)
-        _, lpips_note = lpips_metric(cfg.lpips_weights)
+        lpips, lpips_note = lpips_metric(cfg, device)
         n_params = sum(p.numel() for p in model_raw.parameters())
         print(f"{len(train_set)} training pairs, {len(val_set) if val_set else 0} validation; "
               f"{world} process(es) on {device}; NAFNet {n_params:,} parameters; {lpips_note}")
@@ -521,7 +551,7 @@ def train(cfg: argparse.Namespace) -> dict:
         batch_in_epoch = 0
         if master and val_set is not None:
             model_raw.eval()
-            metrics = evaluate(model_raw, val_set, device)
+            metrics = evaluate(model_raw, val_set, device, lpips)
             grid = sample_grid(model_raw, val_set, cfg.samples, device)
             model_raw.train()
             val_log.write(dict(step=step, epoch=epoch, stage=stage, **metrics))
@@ -534,7 +564,8 @@ def train(cfg: argparse.Namespace) -> dict:
                     tb.add_scalar(f"val/{k}", v, step)
                 tb.add_image("val/input|mask|output|target", grid, step, dataformats="HWC")
             print(f"epoch {epoch}/{total_epochs} (stage {stage}) step {step}: val PSNR "
-                  f"{metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}")
+                  f"{metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}"
+                  + (f", LPIPS {metrics['lpips']:.4f}" if "lpips" in metrics else ""))
         save_checkpoint()
         if ddp:
             check_replicas([model_raw, critics])
@@ -548,8 +579,8 @@ def train(cfg: argparse.Namespace) -> dict:
         summary["checkpoint"] = str(final)
         if val_set is not None:
             model_raw.eval()
-            summary["identity"] = evaluate(None, val_set, device)
-            summary["trained"] = evaluate(model_raw, val_set, device)
+            summary["identity"] = evaluate(None, val_set, device, lpips)
+            summary["trained"] = evaluate(model_raw, val_set, device, lpips)
             summary["lpips"] = lpips_note
         atomic_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         print_summary(summary)
@@ -577,9 +608,12 @@ def print_summary(summary: dict) -> None:
     print("images/s: " + ", ".join(f"stage {s} {v:.2f}" for s, v in ips.items() if v))
     if "trained" in summary:
         ident, trained = summary["identity"], summary["trained"]
-        print("\n| held-out pairs | PSNR (dB) | SSIM |\n|---|---|---|")
-        print(f"| identity (output = input) | {ident['psnr']:.2f} | {ident['ssim']:.4f} |")
-        print(f"| trained NAFNet | {trained['psnr']:.2f} | {trained['ssim']:.4f} |")
+        lp = "lpips" in trained
+        print("\n| held-out pairs | PSNR (dB) | SSIM |" + (" LPIPS |" if lp else "")
+              + "\n|---|---|---|" + ("---|" if lp else ""))
+        for name, m in (("identity (output = input)", ident), ("trained NAFNet", trained)):
+            print(f"| {name} | {m['psnr']:.2f} | {m['ssim']:.4f} |"
+                  + (f" {m['lpips']:.4f} |" if lp else ""))
         print(f"\nPSNR gain: {trained['psnr'] - ident['psnr']:+.2f} dB; {summary['lpips']}")
     if "checkpoint" in summary:
         print(f"\nnext: make export NAFNET_CKPT={summary['checkpoint']}")
@@ -595,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
               f"checkpoint: {found[-1] if found else 'none yet'} (continue with --resume, e.g. "
               f"with a lower --lr)", file=sys.stderr)
         return 3
-    except (DataError, VGGWeightsError, CheckpointError, ConfigError) as exc:
+    except (DataError, VGGWeightsError, MetricWeightsError, CheckpointError, ConfigError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     return 0
