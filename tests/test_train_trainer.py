@@ -135,3 +135,19 @@ def test_quick_preset_learns_on_synthetic_data(tmp_path):
                          "--no-tensorboard", "--no-progress"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trained"]["psnr"] - summary["identity"]["psnr"] >= 3
+
+
+def test_folders_written_by_the_synthetic_cli_train(tmp_path):
+    from train.synthetic import main as synthetic_main
+
+    assert synthetic_main(["--out", str(tmp_path / "d"), "--count", "6", "--height", "40",
+                           "--width", "48"]) == 0
+    d = tmp_path / "d"
+    args = ["--data", "folders", "--input-dir", str(d / "input"), "--target-dir",
+            str(d / "target"), "--depth-dir", str(d / "depth"), "--val-input-dir",
+            str(d / "input"), "--val-target-dir", str(d / "target"), "--crop", "32",
+            "--batch-size", "2", "--epochs1", "1", "--epochs2", "0", "--nafnet-config", TINY,
+            "--out", str(tmp_path / "run"), "--no-tensorboard", "--no-progress", "--samples", "1"]
+    assert trainer.main(args) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["step"] == 3 and summary["images_per_s"]["2"] is None
