@@ -523,20 +523,20 @@ def train(cfg: argparse.Namespace) -> dict:
             timing[str(stage)][1] += cfg.batch_size * world
             images_per_s = cfg.batch_size * world / max(now - tick, 1e-9)
             tick = now
-            if master:
+            if master and step % cfg.log_every == 0:  # .item() syncs a GPU: not every step
                 row = dict(step=step, epoch=epoch, stage=stage, loss=loss.item(),
                            **{k: v.item() for k, v in {**terms, **extra}.items()},
                            images_per_s=images_per_s)
-                if step % cfg.log_every == 0:
-                    train_log.write(row)
-                    if tb:
-                        for k, v in row.items():
-                            if k not in ("step", "epoch", "stage"):
-                                tb.add_scalar(f"stage{stage}/{k}", v, step)
+                train_log.write(row)
+                if tb:
+                    for k, v in row.items():
+                        if k not in ("step", "epoch", "stage"):
+                            tb.add_scalar(f"stage{stage}/{k}", v, step)
                 if bar:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", l1=f"{row['l1']:.4f}",
                                     img_s=f"{images_per_s:.1f}")
-                    bar.update(1)
+            if bar:
+                bar.update(1)
             if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                 save_checkpoint()
             if cfg.max_steps and step >= cfg.max_steps:
