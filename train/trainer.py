@@ -64,10 +64,12 @@ PRESETS = {
     "paper": dict(data="ebb", crop=1024, batch_size=2, epochs1=60, epochs2=60, lr=1e-4,
                   critic_width=64, ckpt_every=1000, log_every=10, samples=4),
     # A CPU smoke run on synthetic scenes that still learns in a few minutes: small images, a
-    # 10x learning rate in stage 1, the paper's 1e-4 in stage 2, a short capped stage 2.
+    # 10x learning rate in stage 1, the paper's 1e-4 in stage 2, a short capped stage 2. One
+    # thread: on a busy shared machine two OpenMP threads wait for each other at every op
+    # (measured 25x slower at load 10 on 2 cores); on an idle machine --threads 2 is faster.
     "quick": dict(data="synthetic", synthetic_train=256, synthetic_val=24, synthetic_size=128,
                   crop=96, batch_size=4, epochs1=6, epochs2=1, lr=1e-3, lr2=1e-4, critic_width=16,
-                  ckpt_every=100, log_every=5, samples=4, stage2_steps=20),
+                  ckpt_every=100, log_every=5, samples=4, stage2_steps=20, threads=1),
 }
 
 
