@@ -218,3 +218,43 @@ def test_depth_cache_with_a_stand_in_depth_source(tmp_path):
     assert build_cache(tmp_path / "images", tmp_path / "depth", stand_in, progress=False) == 0
     d = predict_disparity(np.zeros((30, 45, 3), np.float32), lambda x: x[:, 0])
     assert d.shape == (30, 45)
+
+
+def test_trainer_on_an_ebb_layout_with_skip_bad(tmp_path, capsys):
+    make_ebb(tmp_path, [0, 1, 2, 3, 4, 5])
+    (tmp_path / "Training" / "bokeh" / "3.jpg").unlink()  # a missing partner
+    tiny = '{"width": 4, "enc_blocks": [1], "middle_blocks": 1, "dec_blocks": [1]}'
+    args = ["--data", "ebb", "--data-root", str(tmp_path), "--depth-dir", str(tmp_path / "depth"),
+            "--val-range", "5-5", "--crop", "16", "--batch-size", "2", "--epochs1", "1",
+            "--epochs2", "0", "--nafnet-config", tiny, "--out", str(tmp_path / "run"),
+            "--no-tensorboard", "--no-progress", "--samples", "1"]
+    assert trainer.main(args) == 2
+    assert "bokeh/3.jpg" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match=r"skipped 1 bad pair\(s\) \(--skip-bad\), first: .*3.jpg"):
+        assert trainer.main([*args, "--skip-bad"]) == 0
+    summary = (tmp_path / "run" / "summary.json").read_text()
+    assert '"step": 2' in summary  # 4 good training pairs (0, 1, 2, 4) in batches of 2
+
+
+def test_renderer_cli(tmp_path, capsys):
+    from train.render import main as render_main
+
+    save_rgb(tmp_path / "photo.png", h=24, w=32)
+    save_depth(tmp_path / "disp.png", h=24, w=32)
+    assert render_main(["--image", str(tmp_path / "photo.png"), "--disparity",
+                        str(tmp_path / "disp.png"), "--out", str(tmp_path / "out.png")]) == 0
+    with Image.open(tmp_path / "out.png") as im:
+        assert im.size == (32, 24)
+    save_depth(tmp_path / "small.png", h=20, w=32)
+    assert render_main(["--image", str(tmp_path / "photo.png"), "--disparity",
+                        str(tmp_path / "small.png"), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "small.png" in err
+
+
+def test_depth_cache_cli_errors_name_the_file(tmp_path, capsys):
+    from train.depth_cache import main as cache_main
+
+    assert cache_main(["--dpt-weights", str(tmp_path / "none.pt"), "--images", str(tmp_path),
+                       "--out", str(tmp_path / "d")]) == 2
+    assert "none.pt" in capsys.readouterr().err

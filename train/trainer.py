@@ -24,6 +24,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -627,6 +628,7 @@ def print_summary(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
         train(cfg)
     except NonFiniteLoss as exc:
