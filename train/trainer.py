@@ -86,8 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m train.trainer", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    presets = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items())
+                        for name, values in PRESETS.items())
     p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
-                   help="defaults for everything below (default: paper)")
+                   help=f"defaults for the flags below, which override it (default: paper). "
+                        f"{presets}")
     g = p.add_argument_group("data")
     g.add_argument("--data", choices=["ebb", "folders", "synthetic"],
                    help="EBB! layout, generic paired folders, or synthetic scenes in memory")
@@ -111,6 +114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--crop", type=int, help="random square crop for training")
     g.add_argument("--val-crop", type=int, default=None,
                    help="centre crop for validation (default: whole images)")
+    g.add_argument("--val-limit", type=int, default=None,
+                   help="validate on the first N held-out pairs only (full EBB! images are slow "
+                        "on a CPU)")
     g.add_argument("--workers", type=int, default=0, help="data loader processes per rank")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, help="images per step per process")
@@ -180,8 +186,8 @@ def build_datasets(cfg: argparse.Namespace) -> tuple[torch.utils.data.Dataset, .
     """(train, validation) datasets for ``cfg.data``."""
     if cfg.data == "synthetic":
         return (SyntheticDataset(cfg.synthetic_train, cfg.synthetic_size, cfg.crop, cfg.seed),
-                SyntheticDataset(cfg.synthetic_val, cfg.synthetic_size, cfg.val_crop,
-                                 cfg.seed + 10_000))
+                SyntheticDataset(min(cfg.synthetic_val, cfg.val_limit or cfg.synthetic_val),
+                                 cfg.synthetic_size, cfg.val_crop, cfg.seed + 10_000))
     if cfg.depth_dir is None:
         raise ConfigError("--depth-dir is required for real data (fill it with "
                           "python -m train.depth_cache)")
@@ -201,8 +207,8 @@ def build_datasets(cfg: argparse.Namespace) -> tuple[torch.utils.data.Dataset, .
         val = (folder_pairs(cfg.val_input_dir, cfg.val_target_dir, cfg.depth_dir)
                if cfg.val_input_dir and cfg.val_target_dir else [])
     train_set = PairDataset(check_pairs(train, cfg.skip_bad), cfg.crop, cfg.seed, cfg.skip_bad)
-    val_set = (PairDataset(check_pairs(val, cfg.skip_bad), cfg.val_crop, cfg.seed, cfg.skip_bad)
-               if val else None)
+    val_set = (PairDataset(check_pairs(val[:cfg.val_limit], cfg.skip_bad), cfg.val_crop, cfg.seed,
+                           cfg.skip_bad) if val else None)
     return train_set, val_set
 
 
@@ -604,6 +610,7 @@ def check_replicas(modules: list[torch.nn.Module]) -> None:
     flat = torch.cat([p.detach().double().flatten().cpu() for m in modules
                       for p in m.parameters()])
     local = torch.stack([flat.sum(), (flat * torch.arange(len(flat), dtype=torch.float64)).sum()])
+    local = local.to(next(modules[0].parameters()).device)  # NCCL gathers GPU tensors only
     everyone = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(everyone, local)
     if any(not torch.equal(everyone[0], other) for other in everyone[1:]):
