@@ -5,6 +5,10 @@ CVPR 2017), ``NLayerDiscriminator``; used by Lee et al., "Bokeh-Loss GAN" (ECCV-
 critics of depth 3 (70 px receptive field) and 5 (286 px). Reference implementation:
 junyanz/pytorch-CycleGAN-and-pix2pix, ``models/networks.py``; parameter names (``model.N``) follow
 it with ``norm_layer`` removed, because a WGAN-GP critic must not normalise over the batch.
+
+The critics judge the RGB image alone (real bokeh vs generated), not conditioned on the input
+photo: the paper does not say it conditions them, and L1/SSIM/VGG already tie the output to its
+input.
 """
 
 from __future__ import annotations
