@@ -151,3 +151,13 @@ def test_folders_written_by_the_synthetic_cli_train(tmp_path):
     assert trainer.main(args) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["step"] == 3 and summary["images_per_s"]["2"] is None
+
+
+def test_data_loader_workers_do_not_change_the_run(tmp_path):
+    """Augmentation draws from (seed, epoch, index), not from a worker's RNG."""
+    base = tiny_args(tmp_path / "w0", "--epochs2", "0", "--epochs1", "2")
+    assert trainer.main(base) == 0
+    assert trainer.main([*tiny_args(tmp_path / "w2", "--epochs2", "0", "--epochs1", "2"),
+                         "--workers", "2"]) == 0
+    a, b = final_state(tmp_path / "w0"), final_state(tmp_path / "w2")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
