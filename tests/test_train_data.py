@@ -258,3 +258,13 @@ def test_depth_cache_cli_errors_name_the_file(tmp_path, capsys):
     assert cache_main(["--dpt-weights", str(tmp_path / "none.pt"), "--images", str(tmp_path),
                        "--out", str(tmp_path / "d")]) == 2
     assert "none.pt" in capsys.readouterr().err
+
+
+def test_empty_folders_are_named(tmp_path):
+    (tmp_path / "input").mkdir()
+    (tmp_path / "target").mkdir()
+    with pytest.raises(DataError, match="input: no images"):
+        folder_pairs(tmp_path / "input", tmp_path / "target", tmp_path / "depth")
+    (tmp_path / "Training" / "original").mkdir(parents=True)
+    with pytest.raises(DataError, match="original: no training images"):
+        ebb_pairs(tmp_path, tmp_path / "depth")

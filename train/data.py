@@ -74,6 +74,8 @@ def ebb_pairs(root: Path, depth_dir: Path, split: str = "train",
         is_val = lo <= int(f.stem) <= hi
         if (split == "val") == is_val:
             out.append((f.stem, f, bokeh / f.name, Path(depth_dir) / f"{f.stem}.png"))
+    if not out and split == "train":
+        raise DataError(f"{originals}: no training images {{i}}.jpg outside ids {lo}-{hi}")
     return out
 
 
@@ -90,6 +92,8 @@ def folder_pairs(image_dir: Path, target_dir: Path, depth_dir: Path
         if f.suffix.lower() in IMAGE_SUFFIXES:
             target = targets.get(f.stem, target_dir / f"{f.stem}{f.suffix}")
             out.append((f.stem, f, target, Path(depth_dir) / f"{f.stem}.png"))
+    if not out:
+        raise DataError(f"{image_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
     return out
 
 
