@@ -11,8 +11,7 @@ from PIL import Image
 from validate.cli import main
 from validate.quality import (
     LPIPS_UNAVAILABLE,
-    classical_blur,
-    disc_kernel,
+    classical_render,
     format_table,
     list_pairs,
     psnr,
@@ -49,20 +48,17 @@ def test_list_pairs(ebb):
     assert len(list_pairs(ebb, limit=1)) == 1
 
 
-def test_metrics_and_classical_blur(rng):
+def test_metrics_and_classical_render(rng):
     a = rng.random((40, 50, 3), dtype=np.float32)
     assert psnr(a, a) == 100.0 and ssim(a, a) == pytest.approx(1.0)
     assert psnr(a, np.clip(a + 0.1, 0, 1)) < 21
     assert ssim(a, 1 - a) < 0.5
-    near = classical_blur(a, np.ones((40, 50), np.float32), radius=3)
-    np.testing.assert_allclose(near, a, atol=1e-6)  # the mask says near: left sharp
     flat = np.full((40, 50, 3), 0.3, np.float32)
-    np.testing.assert_allclose(classical_blur(flat, np.zeros((40, 50), np.float32), 4), flat,
-                               atol=1e-5)  # a disc blur keeps a flat image flat
-    far = classical_blur(a, np.zeros((40, 50), np.float32), radius=3)
-    assert far.std() < 0.5 * a.std()
-    k = disc_kernel(3)
-    assert k.shape == (7, 7) and k.sum() == pytest.approx(1.0) and k[0, 0] == 0
+    mask = np.tile(np.linspace(0, 1, 50, dtype=np.float32), (40, 1))  # far left, near right
+    np.testing.assert_allclose(classical_render(flat, mask), flat, atol=1e-5)  # flat stays flat
+    out = classical_render(a, mask)
+    assert out[:, :10].std() < 0.5 * a[:, :10].std()  # the far side is blurred
+    np.testing.assert_allclose(out[:, -2:], a[:, -2:], atol=0.05)  # the focused side is sharp
 
 
 def test_quality_table(fused_export, ebb, tmp_path, capsys):
@@ -83,7 +79,7 @@ def test_quality_table(fused_export, ebb, tmp_path, capsys):
     assert "LPIPS: AlexNet v0.1 from" in text and "n/a" not in text
     result = json.loads((tmp_path / "q.json").read_text())
     rows = {r["model"]: r for r in result["rows"]}
-    assert list(rows) == ["Identity (input)", "Classical blur", "PyTorch (random weights)",
+    assert list(rows) == ["Identity (input)", "Classical (thin-lens)", "PyTorch (random weights)",
                           "TFLite bokeh_fp32.tflite", "TFLite bokeh_fp16.tflite"]
     assert result["pairs"] == 2 and all(len(r["per_pair"]) == 2 for r in rows.values())
     assert rows["Identity (input)"]["psnr"] > 20  # a box blur is close to its input

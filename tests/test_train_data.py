@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from models.dpt import dpt_input_size
 from train import trainer
 from train.data import (
     DataError,
@@ -17,7 +18,7 @@ from train.data import (
     folder_pairs,
     read_mask,
 )
-from train.depth_cache import build_cache, dpt_input_size, predict_disparity
+from train.depth_cache import build_cache, predict_disparity
 from train.render import composite, disc_kernel, render_bokeh
 from train.synthetic import make_scene
 

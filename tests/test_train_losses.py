@@ -193,15 +193,15 @@ def test_vgg19_refuses_random_weights_unless_allowed(tmp_path):
 
 def write_lpips_files(folder):
     """Random weights in the layouts of torchvision's alexnet and the lpips package's alex.pth."""
-    from train.metrics import LPIPS
+    from validate.lpips import LPIPS
 
-    ref = LPIPS()
     torch.manual_seed(0)
+    ref = LPIPS()
     alex = {f"features.{k}": torch.randn_like(v) * 0.05
             for k, v in ref.features.state_dict().items()}
     alex["classifier.1.weight"] = torch.zeros(2, 2)
-    heads = {f"lin{i}.model.1.weight": torch.rand_like(lin.weight)
-             for i, lin in enumerate(ref.lins)}
+    heads = {f"lin{i}.model.1.weight": torch.rand_like(getattr(ref, f"lin{i}").model[1].weight)
+             for i in range(5)}
     torch.save(alex, folder / "alexnet.pth")
     torch.save(heads, folder / "alex.pth")
     return folder / "alex.pth", folder / "alexnet.pth"
@@ -217,5 +217,5 @@ def test_lpips_loads_local_weights_and_behaves_like_a_distance(tmp_path):
     assert lpips(a, a).item() == 0
     d_ab, d_ba = lpips(a, b).item(), lpips(b, a).item()
     assert d_ab > 0 and d_ab == pytest.approx(d_ba)
-    with pytest.raises(MetricWeightsError, match="alex.pth: not torchvision alexnet"):
-        load_lpips(alex, heads)  # swapped files
+    with pytest.raises(MetricWeightsError, match="LPIPS needs AlexNet features"):
+        load_lpips(heads, heads)  # the AlexNet file is missing its convolutions

@@ -18,21 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from models.dpt import dpt_input_size
+from models.pipeline import resize_bilinear
 from train.data import IMAGE_SUFFIXES, DataError, read_rgb
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]  # [1,3,h,w] normalised -> [1,h,w] disparity
-
-
-def dpt_input_size(height: int, width: int, short_side: int = 384, multiple: int = 32
-                   ) -> tuple[int, int]:
-    """Keep the aspect ratio, short side ``short_side``, both sides multiples of ``multiple``."""
-    scale = short_side / min(height, width)
-    h = max(multiple, round(height * scale / multiple) * multiple)
-    w = max(multiple, round(width * scale / multiple) * multiple)
-    return h, w
 
 
 @torch.no_grad()
@@ -41,12 +33,11 @@ def predict_disparity(image: np.ndarray, predict: Predictor, short_side: int = 3
     """Disparity ``HxW`` float32 for an ``HxWx3`` image in [0,1], at the image's own size."""
     h, w = image.shape[:2]
     x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].float()
-    x = F.interpolate(x, size=dpt_input_size(h, w, short_side), mode="bilinear",
-                      align_corners=False)
+    x = resize_bilinear(x, dpt_input_size(h, w, short_side))
     d = predict((x - 0.5) / 0.5)
     if d.ndim == 3:
         d = d[:, None]
-    d = F.interpolate(d.float(), size=(h, w), mode="bilinear", align_corners=False)
+    d = resize_bilinear(d.float(), (h, w))
     return d[0, 0].cpu().numpy()
 
 

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     qual = sub.add_parser(
         "quality", help="PSNR / SSIM / LPIPS on a paired folder, like the paper's tables",
         description="Score the PyTorch model, each TFLite variant, the input itself and a "
-                    "classical blur against the bokeh photos of a paired folder (EBB! layout: "
+                    "classical thin-lens render against the bokeh photos of a paired folder "
+                    "(EBB! layout: "
                     "DIR/original/NAME.jpg and DIR/bokeh/NAME.jpg). Prints a Markdown table "
                     "Model | PSNR | SSIM | LPIPS. Exit 0, or 2 on bad input.")
     qual.add_argument("--data", required=True, help="paired folder (original/ and bokeh/)")

@@ -4,8 +4,8 @@ A paired folder has the EBB! layout: ``DIR/original/NAME.jpg`` (all-in-focus) an
 ``DIR/bokeh/NAME.jpg`` (the lens's bokeh), paired by file stem. Every row renders each original,
 maps the result back to the original's size, and scores it against the bokeh photo there:
 - "Identity (input)": the original itself (what doing nothing scores);
-- "Classical blur": a disc blur of the background, weighted by 1 - mask, with the mask from the
-  PyTorch depth net: a non-learned baseline (to be replaced by the trainer's thin-lens renderer);
+- "Classical (thin-lens)": the trainer's physically based renderer (train/render.py) driven by
+  the PyTorch depth net's mask: a non-learned baseline;
 - "PyTorch": the reference pipeline (DPT + NAFNet);
 - one row per TFLite variant given.
 SSIM follows DESIGN.md section 5 (11x11 Gaussian window, sigma 1.5, C1 = 0.01^2, C2 = 0.03^2);
@@ -60,34 +60,22 @@ def psnr(reference: np.ndarray, output: np.ndarray) -> float:
 
 
 def ssim(reference: np.ndarray, output: np.ndarray) -> float:
-    """Mean SSIM over the image and channels, Gaussian window as in the paper."""
-    from skimage.metrics import structural_similarity
+    """Mean SSIM of two HxWx3 images: the trainer's SSIM, so tables and training agree."""
+    import torch
 
-    return float(structural_similarity(
-        reference, output, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-        data_range=1.0, channel_axis=-1, K1=0.01, K2=0.03))
+    from train.losses import ssim as ssim_torch
 
+    def nchw(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None].double()
 
-def disc_kernel(radius: int) -> np.ndarray:
-    y, x = np.mgrid[-radius: radius + 1, -radius: radius + 1]
-    kernel = (x**2 + y**2 <= radius**2 + radius).astype(np.float32)  # a round disc
-    return kernel / kernel.sum()
+    return float(ssim_torch(nchw(reference), nchw(output)))
 
 
-def classical_blur(rgb: np.ndarray, mask: np.ndarray, radius: int | None = None) -> np.ndarray:
-    """Disc-blurred photo where the mask says far (0), the photo where it says near (1).
+def classical_render(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The trainer's thin-lens layered renderer, with the depth mask as disparity."""
+    from train.render import render_bokeh
 
-    The radius defaults to 1 % of the long side (15 px on an EBB! photo).
-    """
-    from scipy.signal import fftconvolve
-
-    radius = radius or max(1, round(0.01 * max(rgb.shape[:2])))
-    padded = np.pad(rgb, [(radius, radius), (radius, radius), (0, 0)], mode="reflect")
-    kernel = disc_kernel(radius)
-    blurred = np.stack([fftconvolve(padded[..., c], kernel, mode="valid")
-                        for c in range(rgb.shape[2])], axis=-1)
-    weight = np.clip(mask, 0.0, 1.0)[..., None]
-    return np.clip(weight * rgb + (1.0 - weight) * blurred, 0.0, 1.0).astype(np.float32)
+    return np.clip(render_bokeh(rgb, mask), 0.0, 1.0).astype(np.float32)
 
 
 class ReferenceRenderer:
@@ -148,7 +136,7 @@ def evaluate(
     engines = [TFLiteRenderer(t) for t in tflites]
     for w in reference.warnings:
         echo(f"WARNING: {w}")
-    rows = ["Identity (input)", "Classical blur", reference.label,
+    rows = ["Identity (input)", "Classical (thin-lens)", reference.label,
             *[f"TFLite {e.label}" for e in engines]]
     scores: dict[str, list[tuple[float, float, float]]] = {r: [] for r in rows}
     resized = 0
@@ -158,7 +146,7 @@ def evaluate(
             resized += 1
             rgb = resize(rgb, *target.shape[:2])
         ref_bokeh, mask, _ = render(reference, reference.size, rgb)
-        outputs = [rgb, classical_blur(rgb, mask), ref_bokeh]
+        outputs = [rgb, classical_render(rgb, mask), ref_bokeh]
         outputs += [render(e, e.size, rgb)[0] for e in engines]
         for row, out in zip(rows, outputs, strict=True):
             scores[row].append((psnr(target, out), ssim(target, out),
