@@ -88,23 +88,23 @@ def latency(paths: dict[str, Path], photo: np.ndarray, threads: int, runs: int) 
 
 
 def selective_search(export_dir: Path, manifest: dict, held: list[HeldOut], worst: int,
-                     echo=print) -> dict:
+                     debug_samples: int = 8, echo=print) -> dict:
     """Per-layer int8 error, then full int8 against configurations that keep in float: the
     worst layers, LayerNorm statistics, the whole depth net. Measured on held-out photos."""
     from calibration.dataset import calibration_set
-    from calibration.debug import ROUNDING_ONLY, debugger, layer_errors, selective_model
+    from calibration.debug import ROUNDING_ONLY, layer_errors, selective_model
+    from calibration.variants import CALIBRATED
 
     int8 = read_json(export_dir / "bokeh_int8.manifest.json")
     record = int8["quantization"]["calibration"]
     folder = record["source"] if not record["source"].startswith("embedded") else None
-    calib = calibration_set(manifest["height"], manifest["width"], record["samples"], folder,
-                            record["seed"])
-    frozen = next(s for s in manifest["stages"] if s["name"] == "bokeh-frozen-graph")
-    shape = manifest["inputs"][0]["shape"]
-    io_spec = {"inputs": {frozen["inputs"][0]: shape}, "outputs": frozen["outputs"]}
-    echo("  per-layer error (QuantizationDebugger) ...")
-    dbg = debugger(export_dir / frozen["path"], io_spec, calib.dataset)
-    errors = layer_errors(dbg)
+    calib = calibration_set(manifest["height"], manifest["width"], debug_samples, folder,
+                            record["seed"])  # the first samples of the calibration set
+    if not (export_dir / CALIBRATED).is_file():
+        raise UserError(f"{export_dir}: no {CALIBRATED}; export the int8 variant again")
+    calibrated = (export_dir / CALIBRATED).read_bytes()
+    echo(f"  per-layer error (QuantizationDebugger, {debug_samples} calibration samples) ...")
+    errors = layer_errors(calibrated, calib.dataset)
     finite = [e for e in errors if np.isfinite(e.rmse_over_scale)]
     depth = [e.tensor for e in errors if DEPTH_SCOPE in e.tensor]
     candidates = {
@@ -119,7 +119,7 @@ def selective_search(export_dir: Path, manifest: dict, held: list[HeldOut], wors
     scratch = export_dir / ".selective.tflite"
     for name, options in candidates.items():
         echo(f"  selective: {name} ...")
-        write_bytes(scratch, selective_model(dbg, **options))
+        write_bytes(scratch, selective_model(calibrated, **options))
         tried[name] = {"size": scratch.stat().st_size, **accuracy(scratch, held),
                        "kept_float": sum(len(v) for v in options.values())}
         if name == max(tried, key=lambda k: tried[k]["psnr_fp32"]):
@@ -168,7 +168,7 @@ def measure(export_dir: Path, threads: int = 2, runs: int = 5, worst: int = 40,
     held = held_out_set(export_dir, manifest)
     search = None
     if selective and (export_dir / "bokeh_int8.tflite").is_file():
-        search = selective_search(export_dir, manifest, held, worst, echo)
+        search = selective_search(export_dir, manifest, held, worst, echo=echo)
         keep_selective(export_dir, search, echo)
     paths = {v: export_dir / f"bokeh_{v}.tflite" for v in VARIANT_ORDER
              if (export_dir / f"bokeh_{v}.tflite").is_file()}

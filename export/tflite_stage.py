@@ -66,9 +66,9 @@ def builtin_ops_sets(variant: str) -> list[list]:
     ops = quiet_tensorflow().lite.OpsSet
     if variant == "int8":
         return [[ops.TFLITE_BUILTINS_INT8], [ops.TFLITE_BUILTINS_INT8, ops.TFLITE_BUILTINS]]
-    if variant == "int16x8":
+    if variant == "int16x8":  # no strict try: DIV (mask normalisation) has no 16x8 kernel
         sixteen = ops.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
-        return [[sixteen], [sixteen, ops.TFLITE_BUILTINS]]
+        return [[sixteen, ops.TFLITE_BUILTINS]]
     return [[ops.TFLITE_BUILTINS]]
 
 
