@@ -193,8 +193,11 @@ def markdown(result: dict, command: str) -> str:
 
     m = result["manifest"]
     dpt = m["dpt"]
-    weights = ("random NAFNet (seed {s}) and random DPT-{v} (seed {s})".format(
-        s=m["weights"]["random_seed"], v=dpt["config"]["variant"])
+    config = dpt["config"]
+    small = (f" (the tiny test config: embed {config['embed_dim']}, depth {config['depth']})"
+             if config["embed_dim"] < 768 else "")
+    weights = ("random NAFNet (seed {s}) and random DPT-{v}{t} (seed {s})".format(
+        s=m["weights"]["random_seed"], v=config["variant"], t=small)
         if m["weights"]["checkpoint"] is None and dpt["checkpoint"] is None
         else f"NAFNet {m['weights']['checkpoint']}, DPT {dpt['checkpoint']}")
     lines = [

@@ -34,9 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export NAFNet alone (photo + mask in), no depth net")
     p.add_argument("--variants", default="fp32,fp16",
                    help="comma-separated TFLite variants (default: %(default)s)")
-    p.add_argument("--quant-variants", default="drq,int8,int16x8",
-                   help="quantized variants of the fused model, comma-separated, '' for none "
-                        "(default: %(default)s; int16x8 only where TFLite supports it)")
+    p.add_argument("--quant-variants", default="drq,int8",
+                   help="quantized variants of the fused model (drq, int8, int16x8), "
+                        "comma-separated, '' for none (default: %(default)s; int16x8 is kept "
+                        "only where the TFLite runtime can run it)")
     p.add_argument("--calib-dir", help="folder of photos to calibrate int8 on (e.g. EBB! "
                    "originals); default: the embedded set (calibration/dataset.py)")
     p.add_argument("--calib-samples", type=int, default=32,
