@@ -296,8 +296,8 @@ def _write_manifest(tflite: Path, variant: str, manifest_base: dict, report: dic
 
 def _write_quant_variants(frozen: Path, io_spec: dict, variants: tuple[str, ...], calibration,
                           manifest_base: dict, report: dict, log: StageLog) -> None:
-    """Quantized variants of the fused model, each smoke-run once; one TFLite cannot build or
-    run (int16x8 on some ops) is recorded as not supported and the export goes on."""
+    """Quantized variants of the fused model, each smoke-run once; a variant that cannot be
+    built or run (int16x8 here) is recorded as not supported and the export goes on."""
     from calibration.variants import QuantizationUnsupported, float_ops, quantize_variant
 
     for variant in variants:
