@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from PIL import Image
@@ -30,8 +31,11 @@ SYNTHETIC_SCENES = 3
 
 @dataclass
 class Source:
+    """A calibration photo, loaded when a sample needs it: 32 EBB! originals held as float
+    would take 600 MB for the whole export."""
+
     label: str
-    image: np.ndarray  # HxWx3 float32 in [0, 1]
+    load: Callable[[], np.ndarray]  # -> HxWx3 float32 in [0, 1]
 
 
 def skimage_photo(name: str) -> np.ndarray:
@@ -70,8 +74,9 @@ def synthetic_scene(seed: int, height: int = 512, width: int = 768) -> np.ndarra
 
 def embedded_sources() -> list[Source]:
     """scikit-image calibration photos, then synthetic scenes, always in this order."""
-    photos = [Source(f"skimage:{n}", skimage_photo(n)) for n in CALIBRATION_PHOTOS]
-    scenes = [Source(f"synthetic:{i}", synthetic_scene(i)) for i in range(SYNTHETIC_SCENES)]
+    photos = [Source(f"skimage:{n}", partial(skimage_photo, n)) for n in CALIBRATION_PHOTOS]
+    scenes = [Source(f"synthetic:{i}", partial(synthetic_scene, i))
+              for i in range(SYNTHETIC_SCENES)]
     return photos + scenes
 
 
@@ -88,7 +93,8 @@ def folder_sources(folder, limit: int) -> list[Source]:
         if len(sources) == limit:
             break
         try:
-            sources.append(Source(path.name, load_rgb(path)))
+            load_rgb(path)  # readable now, so the export fails before its long stages if not
+            sources.append(Source(path.name, partial(load_rgb, path)))
         except UserError as exc:
             problems.append(str(exc))
     if not sources:
@@ -114,19 +120,27 @@ def _view(image: np.ndarray, height: int, width: int, k: int, rng: np.random.Gen
     return out[:, ::-1] if k % 2 else out
 
 
-def calibration_samples(height: int, width: int, num_samples: int = DEFAULT_SAMPLES,
-                        calib_dir=None, seed: int = 0) -> list[tuple[str, np.ndarray]]:
-    """``num_samples`` labelled ``[1, H, W, 3]`` float32 inputs in [0, 1], deterministic."""
+def _sources(calib_dir, num_samples: int) -> list[Source]:
     if num_samples < 1:
         raise UserError(f"calibration needs at least one sample, not {num_samples}")
-    sources = folder_sources(calib_dir, num_samples) if calib_dir else embedded_sources()
+    return folder_sources(calib_dir, num_samples) if calib_dir else embedded_sources()
+
+
+def iter_samples(sources: list[Source], height: int, width: int, num_samples: int,
+                 seed: int = 0) -> Iterator[tuple[str, np.ndarray]]:
+    """Labelled ``[1, H, W, 3]`` float32 inputs in [0, 1], made one at a time, same every run."""
     rng = np.random.default_rng(seed)
-    samples = []
     for i in range(num_samples):
         source, k = sources[i % len(sources)], i // len(sources)
-        image = _view(source.image, height, width, k, rng)
-        samples.append((f"{source.label}#{k}", np.ascontiguousarray(image[None], np.float32)))
-    return samples
+        image = _view(source.load(), height, width, k, rng)
+        yield f"{source.label}#{k}", np.ascontiguousarray(image[None], np.float32)
+
+
+def calibration_samples(height: int, width: int, num_samples: int = DEFAULT_SAMPLES,
+                        calib_dir=None, seed: int = 0) -> list[tuple[str, np.ndarray]]:
+    """All ``num_samples`` labelled inputs at once (tests, inspection)."""
+    return list(iter_samples(_sources(calib_dir, num_samples), height, width, num_samples,
+                             seed))
 
 
 def representative_dataset(height: int, width: int, num_samples: int = DEFAULT_SAMPLES,
@@ -152,18 +166,19 @@ class CalibrationSet:
 
 def calibration_set(height: int, width: int, num_samples: int = DEFAULT_SAMPLES,
                     calib_dir=None, seed: int = 0) -> CalibrationSet:
-    """Build the samples once (a bad folder fails here, before any conversion)."""
-    labelled = calibration_samples(height, width, num_samples, calib_dir, seed)
-    samples = [x for _, x in labelled]
+    """Check the sources now (a bad folder fails here, before any conversion); the samples
+    are made again, identically, each time the converter asks."""
+    sources = _sources(calib_dir, num_samples)
 
     def generate() -> Iterator[list[np.ndarray]]:
-        for x in samples:
+        for _, x in iter_samples(sources, height, width, num_samples, seed):
             yield [x]
 
     source = (str(calib_dir) if calib_dir else
               f"embedded: scikit-image {', '.join(CALIBRATION_PHOTOS)} + "
               f"{SYNTHETIC_SCENES} synthetic scenes")
-    record = {"source": source, "samples": len(samples), "seed": seed,
-              "sources": sorted({label.rsplit("#", 1)[0] for label, _ in labelled}),
-              "held_out": list(HELD_OUT_PHOTOS)}
-    return CalibrationSet(generate, samples[0], record)
+    used = sources[:num_samples]
+    record = {"source": source, "samples": num_samples, "seed": seed,
+              "sources": sorted(s.label for s in used), "held_out": list(HELD_OUT_PHOTOS)}
+    first = next(iter_samples(sources, height, width, 1, seed))[1]
+    return CalibrationSet(generate, first, record)
