@@ -46,7 +46,13 @@ def layer_errors(calibrated: bytes, debug_dataset) -> list[LayerError]:
         rows.append(LayerError(row["tensor_name"], row["op_name"],
                                math.sqrt(float(row["mean_squared_error"])) / scale,
                                float(row["max_abs_error"])))
-    return sorted(rows, key=lambda r: r.rmse_over_scale, reverse=True)
+    return sorted(rows, key=_severity, reverse=True)
+
+
+def _severity(row: LayerError) -> float:
+    """inf (the debugger's squared error overflowed: a blown-up range) first; NaN (no
+    samples reached the layer) last, instead of scrambling the sort."""
+    return -1.0 if math.isnan(row.rmse_over_scale) else row.rmse_over_scale
 
 
 def selective_model(calibrated: bytes, denylisted_nodes=(), denylisted_ops=()) -> bytes:
