@@ -9,6 +9,11 @@ WIDTH ?= 1536
 NAFNET_CKPT ?=
 DPT_WEIGHTS ?=
 EXPORT_ARGS ?=
+CALIB_DIR ?=
+CALIB_SAMPLES ?= 32
+# int16x8 is opt-in: TFLite has no int16 SQUARED_DIFFERENCE kernel (the LayerNorms use it), so
+# the file converts but cannot run, after a full calibration (docs/benchmarks.md).
+QUANT_VARIANTS ?= drq,int8
 
 .PHONY: setup test export bench lint clean train
 
@@ -26,9 +31,15 @@ test: $(VENV_STAMP)
 export: $(VENV_STAMP)
 	$(BIN)/bokeh-export --out $(OUT) --height $(HEIGHT) --width $(WIDTH) \
 		$(if $(NAFNET_CKPT),--checkpoint $(NAFNET_CKPT)) \
-		$(if $(DPT_WEIGHTS),--dpt-weights $(DPT_WEIGHTS)) $(EXPORT_ARGS)
+		$(if $(DPT_WEIGHTS),--dpt-weights $(DPT_WEIGHTS)) \
+		--quant-variants '$(QUANT_VARIANTS)' --calib-samples $(CALIB_SAMPLES) \
+		$(if $(CALIB_DIR),--calib-dir $(CALIB_DIR)) \
+		$(EXPORT_ARGS)
 	$(BIN)/validate parity --tflite $(OUT)/bokeh_fp32.tflite --num-random 1
 	$(BIN)/validate parity --tflite $(OUT)/bokeh_fp16.tflite --num-random 1 --tflite-only
+	for v in drq int8 int16x8; do if [ -f $(OUT)/bokeh_$$v.tflite ]; then \
+		$(BIN)/validate parity --tflite $(OUT)/bokeh_$$v.tflite --num-random 1 --tflite-only \
+		|| exit 1; fi; done
 	@echo "TFLite models: $$(ls $(OUT)/*.tflite | tr '\n' ' ')"
 	@echo "Report: $(OUT)/report.txt"
 

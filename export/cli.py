@@ -34,12 +34,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export NAFNet alone (photo + mask in), no depth net")
     p.add_argument("--variants", default="fp32,fp16",
                    help="comma-separated TFLite variants (default: %(default)s)")
+    p.add_argument("--quant-variants", default="drq,int8",
+                   help="quantized variants of the fused model (drq, int8, int16x8), "
+                        "comma-separated, '' for none (default: %(default)s; int16x8 is kept "
+                        "only where the TFLite runtime can run it)")
+    p.add_argument("--calib-dir", help="folder of photos to calibrate int8 on (e.g. EBB! "
+                   "originals); default: the embedded set (calibration/dataset.py)")
+    p.add_argument("--calib-samples", type=int, default=32,
+                   help="calibration samples, crops and flips fill up (default %(default)s)")
     p.add_argument("--opset", type=int, default=12,
                    help="ONNX opset, 12-15 (default %(default)s: keeps Split builtin in TFLite)")
     p.add_argument("--allow-flex", action="store_true",
                    help="keep going with a *_flex.tflite if builtin ops do not suffice")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (%(default)s)")
     return p
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             out_dir=args.out, height=args.height, width=args.width, checkpoint=args.checkpoint,
             dpt_weights=args.dpt_weights, dpt_variant=args.dpt_variant,
             dpt_short_side=args.dpt_short_side, fuse=not args.no_fuse,
-            variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
+            variants=_names(args.variants), quant_variants=_names(args.quant_variants),
+            calib_dir=args.calib_dir, calib_samples=args.calib_samples,
             opset=args.opset, allow_flex=args.allow_flex, seed=args.seed,
         )
     except (UserError, CheckpointError) as exc:

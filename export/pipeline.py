@@ -28,8 +28,15 @@ TOLERANCE = {
     "nafnet": {"fp32": {"output": {"atol": 1e-4}},
                "fp16": {"output": {"atol": 2e-2, "min_psnr": 45.0}}},
     "bokeh": {"fp32": {"bokeh": {"min_psnr": 60.0}, "mask": {"atol": 1e-3}},
-              "fp16": {"bokeh": {"min_psnr": 45.0}, "mask": {"atol": 5e-2}}},
+              "fp16": {"bokeh": {"min_psnr": 45.0}, "mask": {"atol": 5e-2}},
+              # Quantized variants (calibration/): PSNR floors from measurements on held-out
+              # photos and random inputs, docs/benchmarks.md.
+              "drq": {"bokeh": {"min_psnr": 40.0}, "mask": {"min_psnr": 30.0}},
+              "int8": {"bokeh": {"min_psnr": 30.0}, "mask": {"min_psnr": 20.0}},
+              "int16x8": {"bokeh": {"min_psnr": 40.0}, "mask": {"min_psnr": 30.0}},
+              "int8-selective": {"bokeh": {"min_psnr": 30.0}, "mask": {"min_psnr": 20.0}}},
 }
+QUANT_VARIANTS = ("drq", "int8", "int16x8")  # fused model only; int16x8 where TFLite allows
 DESCRIPTIONS = {
     "nafnet": {"input": "photo RGB + depth mask, NHWC, values in [0, 1]",
                "output": "bokeh RGB, NHWC, about [0, 1] (not clipped)"},
@@ -130,6 +137,9 @@ def export(
     dpt_short_side: int = 384,
     fuse: bool = True,
     variants: tuple[str, ...] = ("fp32", "fp16"),
+    quant_variants: tuple[str, ...] = (),
+    calib_dir: str | Path | None = None,
+    calib_samples: int = 32,
     opset: int = onnx_stages.DEFAULT_OPSET,
     allow_flex: bool = False,
     seed: int = 0,
@@ -137,6 +147,9 @@ def export(
 ) -> dict:
     """Export NAFNet (photo + mask in) and, with ``fuse``, the fused DPT + NAFNet model
     (photo in), every stage and TFLite variant, NHWC; return the report.
+
+    ``quant_variants`` (of ``QUANT_VARIANTS``) are written for the fused model only, calibrated
+    on ``calib_samples`` photos from ``calib_dir`` (default: the embedded set, calibration/).
 
     Raises ``UserError`` for bad input and ``tflite_stage.FlexOpsRequired`` when a variant needs
     Flex ops and ``allow_flex`` is off (the Flex file is written, the builtin one is not).
@@ -146,11 +159,19 @@ def export(
     for v in variants:
         if v not in tflite_stage.VARIANTS:
             raise UserError(f"unknown variant {v!r}; this export writes {tflite_stage.VARIANTS}")
+    for v in quant_variants:
+        if v not in QUANT_VARIANTS:
+            raise UserError(f"unknown quantized variant {v!r}; expected some of {QUANT_VARIANTS}")
     if not 12 <= opset <= 15:
         raise UserError(f"opset {opset} is outside 12-15, the range onnx-tf 1.10 converts")
     if fuse and (dpt_short_side < 32 or dpt_short_side % 32):
         raise UserError(f"--dpt-short-side {dpt_short_side} must be a positive multiple of 32")
     out = ensure_writable_dir(out_dir)
+    calibration = None
+    if fuse and quant_variants:  # before the long stages, so a bad folder fails at once
+        from calibration.dataset import calibration_set
+
+        calibration = calibration_set(height, width, calib_samples, calib_dir)
     model, weights = load_generator(checkpoint, seed)
     warnings = [RANDOM_WEIGHTS_WARNING.format(seed=seed)] if checkpoint is None else []
     depth = None
@@ -206,6 +227,10 @@ def export(
             _write_variants("bokeh", frozen_fused, fused_spec, variants,
                             {**common, "model": "bokeh", "stages": bokeh_stages}, report, log,
                             allow_flex)
+            if calibration:
+                _write_quant_variants(frozen_fused, fused_spec, quant_variants, calibration,
+                                      {**common, "model": "bokeh", "stages": bokeh_stages},
+                                      report, log)
     finally:
         write_json(out / "report.json", report)
         write_bytes(out / "report.txt", summary_text(report).encode())
@@ -241,7 +266,6 @@ def _stage(name: str, engine: str, path: Path, layout: str, io_spec: dict | None
 def _write_variants(prefix: str, frozen: Path, io_spec: dict, variants: tuple[str, ...],
                     manifest_base: dict, report: dict, log: StageLog, allow_flex: bool) -> None:
     """Convert ``frozen`` to each TFLite variant and write its manifest beside it."""
-    descriptions = DESCRIPTIONS[manifest_base["model"]]
     for variant in variants:
         tflite = log.out_dir / f"{prefix}_{variant}.tflite"
         try:
@@ -253,17 +277,43 @@ def _write_variants(prefix: str, frozen: Path, io_spec: dict, variants: tuple[st
             if not allow_flex:
                 raise
             tflite = exc.flex_path
-        info = tflite_stage.inspect_tflite(tflite)
-        report["variants"][tflite.name] = _variant_summary(info)
-        manifest = {
-            **manifest_base, "variant": variant, "tflite": tflite.name,
-            "inputs": [_io_entry(t, descriptions[t["name"]]) for t in info.inputs],
-            "outputs": [_io_entry(t, descriptions[t["name"]]) for t in info.outputs],
-            "tolerance": TOLERANCE[manifest_base["model"]][variant],
-            "flex_ops": info.flex_ops, "max_rank": info.max_rank,
-            "gpu_compatible": info.gpu_compatible,
-        }
-        write_json(tflite.with_suffix(".manifest.json"), manifest)
+        _write_manifest(tflite, variant, manifest_base, report)
+
+
+def _write_manifest(tflite: Path, variant: str, manifest_base: dict, report: dict,
+                    extra: dict | None = None) -> None:
+    descriptions = DESCRIPTIONS[manifest_base["model"]]
+    info = tflite_stage.inspect_tflite(tflite)
+    report["variants"][tflite.name] = _variant_summary(info)
+    manifest = {
+        **manifest_base, "variant": variant, "tflite": tflite.name,
+        "inputs": [_io_entry(t, descriptions[t["name"]]) for t in info.inputs],
+        "outputs": [_io_entry(t, descriptions[t["name"]]) for t in info.outputs],
+        "tolerance": TOLERANCE[manifest_base["model"]][variant],
+        "flex_ops": info.flex_ops, "max_rank": info.max_rank,
+        "gpu_compatible": info.gpu_compatible, **(extra or {}),
+    }
+    write_json(tflite.with_suffix(".manifest.json"), manifest)
+
+
+def _write_quant_variants(frozen: Path, io_spec: dict, variants: tuple[str, ...], calibration,
+                          manifest_base: dict, report: dict, log: StageLog) -> None:
+    """Quantized variants of the fused model, each smoke-run once; a variant that cannot be
+    built or run (int16x8 here) is recorded as not supported and the export goes on."""
+    from calibration.variants import QuantizationUnsupported, float_ops, quantize_variant
+
+    for variant in variants:
+        tflite = log.out_dir / f"bokeh_{variant}.tflite"
+        try:
+            _, notes = log.run(f"tflite-bokeh-{variant}", quantize_variant, frozen, io_spec,
+                               tflite, variant, calibration)
+        except QuantizationUnsupported as exc:
+            report["variants"][tflite.name] = {"unsupported": str(exc)}
+            log.echo(f"  -- {tflite.name}: {exc}")
+            continue
+        _write_manifest(tflite, variant, manifest_base, report,
+                        {"quantization": {"calibration": calibration.record, "notes": notes,
+                                          "float_ops": float_ops(tflite)}})
 
 
 def _io_entry(tensor: dict, description: str) -> dict:
@@ -291,6 +341,9 @@ def summary_text(report: dict) -> str:
     total = sum(s["seconds"] for s in report["stages"])
     lines.append(f"  {len(report['stages'])} stages in {total:.0f} s")
     for name, v in report["variants"].items():
+        if "unsupported" in v:
+            lines.append(f"  {name}: {v['unsupported']}")
+            continue
         if "ops" not in v:
             lines.append(f"  {name}: FAILED builtin conversion; Flex ops {v['flex_ops']}")
             continue

@@ -22,7 +22,11 @@ import numpy as np
 from export.io import atomic_path
 from export.tf_stages import quiet_tensorflow
 
-VARIANTS = ("fp32", "fp16")
+VARIANTS = ("fp32", "fp16", "drq", "int8", "int16x8")
+# Quantized variants (issue #5): "drq" int8 weights, float activations (no calibration);
+# "int8" int8 weights and activations, float input and output; "int16x8" int16 activations and
+# int8 weights. The last two need a representative dataset (calibration/dataset.py).
+CALIBRATED_VARIANTS = ("int8", "int16x8")
 
 
 class FlexOpsRequired(Exception):
@@ -36,7 +40,7 @@ class FlexOpsRequired(Exception):
         self.flex_path, self.flex_ops, self.reason = flex_path, flex_ops, reason
 
 
-def _converter(frozen_pb: Path, io_spec: dict, variant: str):
+def _converter(frozen_pb: Path, io_spec: dict, variant: str, representative_dataset=None):
     tf = quiet_tensorflow()
     converter = tf.compat.v1.lite.TFLiteConverter.from_frozen_graph(
         str(frozen_pb), input_arrays=list(io_spec["inputs"]),
@@ -45,34 +49,70 @@ def _converter(frozen_pb: Path, io_spec: dict, variant: str):
     if variant == "fp16":  # fp16 weights, dequantized on the CPU, used as is by the GPU delegate
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
+    elif variant in ("drq", *CALIBRATED_VARIANTS):
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if variant in CALIBRATED_VARIANTS:
+            if representative_dataset is None:
+                raise ValueError(f"variant {variant!r} needs a representative dataset")
+            converter.representative_dataset = representative_dataset
     elif variant != "fp32":
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
     return converter
 
 
+def builtin_ops_sets(variant: str) -> list[list]:
+    """Op sets to try in order, all builtin: the strict one first, then with float kernels for
+    ops that have no quantized kernel (the manifest says when that fallback was taken)."""
+    ops = quiet_tensorflow().lite.OpsSet
+    if variant == "int8":
+        return [[ops.TFLITE_BUILTINS_INT8], [ops.TFLITE_BUILTINS_INT8, ops.TFLITE_BUILTINS]]
+    if variant == "int16x8":  # no strict try: DIV (mask normalisation) has no 16x8 kernel
+        sixteen = ops.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+        return [[sixteen, ops.TFLITE_BUILTINS]]
+    return [[ops.TFLITE_BUILTINS]]
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def to_tflite(
-    frozen_pb: str | Path, io_spec: dict, dest: str | Path, variant: str = "fp32"
+    frozen_pb: str | Path, io_spec: dict, dest: str | Path, variant: str = "fp32",
+    representative_dataset=None,
 ) -> Path:
-    """Convert with TFLITE_BUILTINS only; on failure write ``*_flex.tflite`` and raise."""
+    """Convert with builtin ops only; on failure write ``*_flex.tflite`` and raise."""
+    return convert(frozen_pb, io_spec, dest, variant, representative_dataset)[0]
+
+
+def convert(
+    frozen_pb: str | Path, io_spec: dict, dest: str | Path, variant: str = "fp32",
+    representative_dataset=None,
+) -> tuple[Path, list[str]]:
+    """Like ``to_tflite``; also returns notes on fallbacks taken (float kernels in int8)."""
     tf = quiet_tensorflow()
     frozen_pb, dest = Path(frozen_pb), Path(dest)
-    converter = _converter(frozen_pb, io_spec, variant)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    try:
-        with _captured_stderr():
-            flatbuffer = converter.convert()
-    except Exception as exc:  # the converter raises ConverterError with the unsupported ops
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        converter = _converter(frozen_pb, io_spec, variant)
-        converter.target_spec.supported_ops = [
-            tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
-        flex_path = dest.with_name(dest.stem + "_flex.tflite")
-        with atomic_path(flex_path) as tmp, _captured_stderr():
-            tmp.write_bytes(converter.convert())
-        raise FlexOpsRequired(flex_path, inspect_tflite(flex_path).flex_ops, reason) from None
-    with atomic_path(dest) as tmp:
-        tmp.write_bytes(flatbuffer)
-    return dest
+    notes, reason = [], ""
+    for ops_set in builtin_ops_sets(variant):
+        converter = _converter(frozen_pb, io_spec, variant, representative_dataset)
+        converter.target_spec.supported_ops = ops_set
+        try:
+            with _captured_stderr():
+                flatbuffer = converter.convert()
+        except Exception as exc:  # the converter raises ConverterError with the unsupported ops
+            reason = _first_line(exc)
+            notes.append(f"ops set {[o.name for o in ops_set]} failed: {reason}")
+            continue
+        with atomic_path(dest) as tmp:
+            tmp.write_bytes(flatbuffer)
+        return dest, notes
+    converter = _converter(frozen_pb, io_spec, variant, representative_dataset)
+    converter.target_spec.supported_ops = [
+        *builtin_ops_sets(variant)[-1], tf.lite.OpsSet.SELECT_TF_OPS]
+    flex_path = dest.with_name(dest.stem + "_flex.tflite")
+    with atomic_path(flex_path) as tmp, _captured_stderr():
+        tmp.write_bytes(converter.convert())
+    raise FlexOpsRequired(flex_path, inspect_tflite(flex_path).flex_ops, reason) from None
 
 
 @contextlib.contextmanager
