@@ -50,26 +50,11 @@ def skimage_photo(name: str) -> np.ndarray:
 
 
 def synthetic_scene(seed: int, height: int = 512, width: int = 768) -> np.ndarray:
-    """Textured shapes over a colour gradient: hard edges, flat areas and fine texture, the
-    activation ranges a photo exercises (a stand-in for the trainer's scene generator)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    yy, xx = yy / height, xx / width
-    top, bottom = rng.random(3, dtype=np.float32), rng.random(3, dtype=np.float32)
-    image = top * (1 - yy[..., None]) + bottom * yy[..., None]
-    for _ in range(int(rng.integers(4, 9))):
-        cy, cx = rng.random(2)
-        ry, rx = 0.05 + 0.3 * rng.random(2)
-        inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
-        if rng.random() < 0.5:  # rectangles as well as ellipses
-            inside = (np.abs(yy - cy) <= ry) & (np.abs(xx - cx) <= rx)
-        freq, angle = rng.uniform(4, 60), rng.uniform(0, np.pi)
-        stripes = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)))
-        colour = rng.random(3, dtype=np.float32)
-        texture = colour * (0.6 + 0.4 * stripes[..., None])
-        image = np.where(inside[..., None], texture, image)
-    image += rng.normal(0, 0.02, image.shape).astype(np.float32)
-    return np.clip(image, 0.0, 1.0).astype(np.float32)
+    """The all-in-focus input of one of the trainer's synthetic scenes (train/synthetic.py):
+    photo and generated textures at known depths, the activation ranges a photo exercises."""
+    from train.synthetic import make_scene
+
+    return make_scene(seed, height, width)[0]
 
 
 def embedded_sources() -> list[Source]:
