@@ -10,7 +10,7 @@ NAFNET_CKPT ?=
 DPT_WEIGHTS ?=
 EXPORT_ARGS ?=
 CALIB_DIR ?=
-CALIB_SAMPLES ?= 32
+CALIB_SAMPLES ?= 8
 # int16x8 is opt-in: TFLite has no int16 SQUARED_DIFFERENCE kernel (the LayerNorms use it), so
 # the file converts but cannot run, after a full calibration (docs/benchmarks.md).
 QUANT_VARIANTS ?= drq,int8

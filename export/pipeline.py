@@ -139,7 +139,7 @@ def export(
     variants: tuple[str, ...] = ("fp32", "fp16"),
     quant_variants: tuple[str, ...] = (),
     calib_dir: str | Path | None = None,
-    calib_samples: int = 32,
+    calib_samples: int = 8,
     opset: int = onnx_stages.DEFAULT_OPSET,
     allow_flex: bool = False,
     seed: int = 0,
