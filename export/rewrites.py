@@ -314,14 +314,123 @@ def simplegate_as_split(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if first[0] != 0 or first[1] != second[0] or second[1] != channels or first[1] == 0 \
                 or first[1] == channels:
             continue
+        # Equal halves without sizes become TFLite's SPLIT, which XNNPACK runs; explicit sizes
+        # become SPLIT_V, which it does not.
+        sizes = {} if 2 * first[1] == channels else {"split": [first[1], channels - first[1]]}
         split = onnx.helper.make_node(
             "Split", [name], [lo.output[0], hi.output[0]], name=g.fresh(f"{lo.name}_split"),
-            axis=1, split=[first[1], channels - first[1]])
+            axis=1, **sizes)
         earlier, later = sorted((lo, hi), key=lambda n: order[n.output[0]])  # topological
         removed.add(order[later.output[0]])
         earlier.CopyFrom(split)
         changed += 1
     return _finish(model, g, removed, changed)
+
+
+def _conv_halves(g: _Graph, conv: onnx.NodeProto, sizes: list[int], outputs: list[str],
+                 inputs: list[str]) -> list[onnx.NodeProto]:
+    """``conv`` as one conv per block of output channels (``sizes``), reading ``inputs``."""
+    weight, bias = (np.asarray(a, np.float32) for a in _plain_conv(g, conv))
+    group = _attr(conv, "group", 1)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute}
+    nodes, start = [], 0
+    for size, out, inp in zip(sizes, outputs, inputs, strict=True):
+        part = slice(start, start + size)
+        w = g.add_const(f"{conv.input[1]}_{start}", weight[part])
+        b = g.add_const(f"{conv.input[1].removesuffix('weight')}bias_{start}", bias[part])
+        if group != 1:
+            attrs["group"] = group * size // weight.shape[0]
+        nodes.append(onnx.helper.make_node("Conv", [inp, w, b], [out],
+                                           name=g.fresh(f"{conv.name or out}_{start}"), **attrs))
+        start += size
+    return nodes
+
+
+def _split_sizes(node: onnx.NodeProto, channels: int) -> list[int] | None:
+    if node.op_type != "Split" or _attr(node, "axis", 0) not in (1, -3) or len(node.input) != 1:
+        return None
+    sizes = _attr(node, "split")
+    if sizes is None:
+        if channels % len(node.output):
+            return None
+        sizes = [channels // len(node.output)] * len(node.output)
+    return list(sizes)
+
+
+def split_convs_at_gate(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A channel Split right after a conv -> one conv per part, and no Split at all.
+
+    SimpleGate splits the output of ``conv4`` (1x1) and of ``conv2`` (depthwise 3x3 after the 1x1
+    ``conv1``). A conv's output channels are independent, so computing each half with its own
+    slice of the weights gives the same numbers; a depthwise conv also needs its input halves,
+    so the 1x1 conv before it is cut the same way. onnx-tf turns a Split into TFLite's SPLIT_V,
+    which XNNPACK (TF 2.15) does not run; the halved convs it does.
+    """
+    g = _Graph(model)
+    replace: dict[int, list[onnx.NodeProto]] = {}
+    order = {n.output[0]: i for i, n in enumerate(model.graph.node)}
+    changed = 0
+    for index, node in enumerate(model.graph.node):
+        if node.op_type != "Split":
+            continue
+        conv = g.producers.get(node.input[0])
+        params = _plain_conv(g, conv)
+        if params is None or g.sole_user(conv.output[0]) is not node:
+            continue
+        sizes = _split_sizes(node, params[0].shape[0])
+        if sizes is None or sum(sizes) != params[0].shape[0]:
+            continue
+        group = _attr(conv, "group", 1)
+        if group == 1:
+            replace[order[conv.output[0]]] = _conv_halves(
+                g, conv, sizes, list(node.output), [conv.input[0]] * len(sizes))
+        else:
+            first = g.producers.get(conv.input[0])
+            channels = params[0].shape[0]
+            if group != channels or params[0].shape[1] != 1 or _plain_conv(g, first) is None \
+                    or _attr(first, "group", 1) != 1 or g.sole_user(first.output[0]) is not conv:
+                continue
+            mids = [g.fresh(f"{first.output[0]}_part{i}") for i in range(len(sizes))]
+            replace[order[first.output[0]]] = _conv_halves(
+                g, first, sizes, mids, [first.input[0]] * len(sizes))
+            replace[order[conv.output[0]]] = _conv_halves(g, conv, sizes, list(node.output), mids)
+        replace[index] = []
+        changed += 1
+    if not changed:
+        return model, 0
+    nodes = []
+    for i, n in enumerate(model.graph.node):
+        nodes.extend(replace.get(i, [n]))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    g.drop_unused()
+    return model, changed
+
+
+def sqrt_divisor_in_delegate(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """``Div(x, Sqrt(v))`` -> ``Div(x, Relu(Sqrt(v)))``: keeps LayerNorm inside XNNPACK.
+
+    The TFLite converter rewrites ``x / sqrt(v)`` as ``x * rsqrt(v)``, and XNNPACK (TF 2.15)
+    has no RSQRT: every LayerNorm then cuts the delegated graph in two and runs RSQRT on the
+    reference kernel. A square root is never negative, so the Relu changes no value (NaN aside);
+    it only hides the pattern, and SQRT, RELU and DIV all run in the delegate.
+    """
+    g = _Graph(model)
+    changed = 0
+    for node in list(model.graph.node):
+        if node.op_type != "Div" or len(node.input) != 2:
+            continue
+        root = g.producers.get(node.input[1])
+        if root is None or root.op_type != "Sqrt":
+            continue
+        guarded = g.fresh(f"{root.output[0]}_relu")
+        relu = onnx.helper.make_node("Relu", [root.output[0]], [guarded],
+                                     name=g.fresh(f"{root.name or guarded}_relu"))
+        index = list(model.graph.node).index(node)
+        model.graph.node.insert(index, relu)
+        node.input[1] = guarded
+        changed += 1
+    return model, changed
 
 
 def channel_mean_as_conv(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -533,6 +642,8 @@ PASSES = (
     fold_scale_into_prev_conv,
     square_as_mul,
     simplegate_as_split,
+    split_convs_at_gate,
+    sqrt_divisor_in_delegate,
     channel_mean_as_conv,
     conv_same_padding,
     channels_last,
