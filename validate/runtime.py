@@ -176,13 +176,22 @@ def build_engine(spec: EngineSpec, manifest: dict) -> Runner:
 
 
 def _torch_reference(manifest: dict, threads: int) -> Runner:
-    """PyTorch eager, with its thread count set on every call (torch's is process-wide)."""
+    """PyTorch eager, with its thread count set on every call (torch's is process-wide).
+
+    NAFNet alone: the generator. The fused model (kind "bokeh"): the PyTorch reference pipeline
+    (DPT, mask, NAFNet) from ``validate.parity.reference_pipeline``, timed up to its bokeh output.
+    """
     from validate import parity
 
     if manifest["model"] == "nafnet":
         run = torch_engine(parity.reference_model(manifest), threads)
-    elif hasattr(parity, "reference_runner"):  # other model kinds (the fused pipeline)
-        run = parity.reference_runner(manifest)
+    elif manifest["model"] == "bokeh" and hasattr(parity, "reference_pipeline"):
+        pipeline = parity.reference_pipeline(manifest).eval()
+
+        def run(x: np.ndarray) -> np.ndarray:
+            bokeh, _mask = pipeline(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1,
+                                                                                       2))))
+            return bokeh.numpy().transpose(0, 2, 3, 1)
     else:
         from export.io import UserError
 
