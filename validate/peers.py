@@ -46,20 +46,26 @@ def convert_with_onnx2tf(onnx_path: Path, out_dir: Path, venv: Path) -> Path:
     return tflite
 
 
-def _nhwc_runner(path: Path, threads: int, nhwc_shape: list[int]):
-    """Our interpreter on any TFLite of the model, fed NHWC (transposed if it wants NCHW)."""
+def _nhwc_runner(path: Path, threads: int, in_shape: list[int], out_shape: list[int]):
+    """Our interpreter on any TFLite of the model, NHWC in and out whatever layout it uses.
+
+    onnx2tf makes the input NHWC but may keep an NCHW output; a transpose outside the timed
+    interpreter call would bill our side, so it is applied to the returned array only.
+    """
+    from export.tflite_stage import make_interpreter
     from validate.runtime import tflite_engine
 
     run = tflite_engine(path, threads)
-    from export.tflite_stage import make_interpreter
-
-    want = list(make_interpreter(path, 1, xnnpack=False).get_input_details()[0]["shape"])
-    if want == nhwc_shape:
-        return run
-    n, h, w, c = nhwc_shape
-    if want != [n, c, h, w]:
-        raise UserError(f"{path}: input shape {want} is neither NHWC nor NCHW of {nhwc_shape}")
-    return lambda x: run(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).transpose(0, 2, 3, 1)
+    probe = make_interpreter(path, 1, xnnpack=False)
+    want_in = [int(d) for d in probe.get_input_details()[0]["shape"]]
+    want_out = [int(d) for d in probe.get_output_details()[0]["shape"]]
+    n, h, w, c = in_shape
+    if want_in not in (in_shape, [n, c, h, w]):
+        raise UserError(f"{path}: input shape {want_in} is neither NHWC nor NCHW of {in_shape}")
+    to_model = (lambda x: x) if want_in == in_shape else (
+        lambda x: np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    from_model = (lambda y: y) if want_out == out_shape else (lambda y: y.transpose(0, 2, 3, 1))
+    return lambda x: from_model(run(to_model(x)))
 
 
 def bench_peers(export: Path, peers: Path, venv: Path, threads: int, runs: int,
@@ -69,14 +75,16 @@ def bench_peers(export: Path, peers: Path, venv: Path, threads: int, runs: int,
 
     manifest = read_json(export / "nafnet_fp32.manifest.json")
     shape = manifest["inputs"][0]["shape"]
+    out_shape = manifest["outputs"][0]["shape"]
     theirs = convert_with_onnx2tf(export / "nafnet_sim.onnx", peers / "onnx2tf", venv)
     ours = export / "nafnet_fp32.tflite"
     engines = {"PyTorch eager": torch_engine(reference_model(manifest), threads),
-               "ours (nafnet_fp32.tflite)": _nhwc_runner(ours, threads, shape),
-               f"onnx2tf {ONNX2TF_VERSION} ({theirs.name})": _nhwc_runner(theirs, threads, shape)}
+               "ours (nafnet_fp32.tflite)": _nhwc_runner(ours, threads, shape, out_shape),
+               f"onnx2tf {ONNX2TF_VERSION} ({theirs.name})": _nhwc_runner(
+                   theirs, threads, shape, out_shape)}
     if baseline is not None:
         engines[f"onnx-tf without rewrites ({baseline.name})"] = _nhwc_runner(
-            baseline, threads, shape)
+            baseline, threads, shape, out_shape)
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
     print(f"Timing {len(engines)} engines, {runs} interleaved rounds, {threads} threads ...")
     stats = time_interleaved(engines, x, runs=runs, progress=lambda s: print(f"  {s}"))
