@@ -20,6 +20,7 @@ import numpy as np
 from export.io import UserError, read_json, write_json
 
 ONNX2TF_VERSION = "1.29.24"
+PAUSE_S = 0.5  # idle gap before each timed call (see validate.runtime.time_interleaved)
 
 
 def convert_with_onnx2tf(onnx_path: Path, out_dir: Path, venv: Path) -> Path:
@@ -87,7 +88,8 @@ def bench_peers(export: Path, peers: Path, venv: Path, threads: int, runs: int,
             baseline, threads, shape, out_shape)
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
     print(f"Timing {len(engines)} engines, {runs} interleaved rounds, {threads} threads ...")
-    stats = time_interleaved(engines, x, runs=runs, progress=lambda s: print(f"  {s}"))
+    stats = time_interleaved(engines, x, runs=runs, progress=lambda s: print(f"  {s}"),
+                             pause_s=PAUSE_S)
     names = list(engines)
     torch_s, ours_s, theirs_s = (stats[n] for n in names[:3])
     rows = []
@@ -111,7 +113,8 @@ def format_peers(result: dict, command: str) -> str:
              f"Command: `{command}`. Machine: {m['cpu']}, {m['cores']} cores, load average "
              f"{m['load_avg_1m']:.1f} at the end. Median of {result['runs']} interleaved runs "
              "after one warm-up, all "
-             "TFLite files on the same interpreter (TF 2.15, XNNPACK).", "",
+             f"TFLite files on the same interpreter (TF 2.15, XNNPACK), {PAUSE_S} s idle before "
+             "each timed call.", "",
              "| engine | median s | p90 s | min s | time vs PyTorch | max abs diff vs PyTorch |",
              "|---|---|---|---|---|---|"]
     for r in result["rows"]:

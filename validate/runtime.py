@@ -67,9 +67,13 @@ def tflite_engine(path, threads: int, xnnpack: bool = True) -> Runner:
 
 
 def time_interleaved(engines: dict[str, Runner], x: np.ndarray, runs: int = 5,
-                     warmup: int = 1, progress: Callable[[str], None] | None = None
-                     ) -> dict[str, dict]:
-    """Warm each engine up, then time ``runs`` rounds of one call per engine; per-engine stats."""
+                     warmup: int = 1, progress: Callable[[str], None] | None = None,
+                     pause_s: float = 0.0) -> dict[str, dict]:
+    """Warm each engine up, then time ``runs`` rounds of one call per engine; per-engine stats.
+
+    ``pause_s`` sleeps before each timed call: the previous engine's worker threads (OpenMP,
+    pthreadpool) spin for a while after it returns and would steal the next engine's cores.
+    """
     outputs = {}
     for name, run in engines.items():
         for _ in range(warmup):
@@ -77,6 +81,8 @@ def time_interleaved(engines: dict[str, Runner], x: np.ndarray, runs: int = 5,
     times: dict[str, list[float]] = {name: [] for name in engines}
     for i in range(runs):
         for name, run in engines.items():
+            if pause_s:
+                time.sleep(pause_s)
             start = time.perf_counter()
             run(x)
             times[name].append(time.perf_counter() - start)
