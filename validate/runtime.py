@@ -262,7 +262,8 @@ def measure_memory(spec: EngineSpec, tflite: Path, timeout: float = 900) -> dict
 
 def run_runtime(tflite: str | Path, threads: tuple[int, ...] = TFLITE_THREADS,
                 xnnpack: tuple[bool, ...] = (True, False), runs: int = 5, warmup: int = 1,
-                memory: bool = True, echo: Callable[[str], None] = print) -> dict:
+                memory: bool = True, echo: Callable[[str], None] = print,
+                pause_s: float = 0.5) -> dict:
     """Time every engine of an export interleaved, and measure each one's peak memory."""
     tflite = Path(tflite)
     manifest, folder = read_export(tflite)
@@ -278,7 +279,7 @@ def run_runtime(tflite: str | Path, threads: tuple[int, ...] = TFLITE_THREADS,
             echo(f"  skip {spec.label}: {skipped[spec.label]}")
     echo(f"Timing {len(engines)} engines: {warmup} warm-up, {runs} interleaved rounds ...")
     stats = time_interleaved(engines, x, runs=runs, warmup=warmup,
-                             progress=lambda s: echo(f"  {s}"))
+                             progress=lambda s: echo(f"  {s}"), pause_s=pause_s)
     reference = next((s["output"] for k, s in stats.items() if k.startswith("PyTorch")), None)
     rows = []
     for spec in specs:
@@ -293,7 +294,7 @@ def run_runtime(tflite: str | Path, threads: tuple[int, ...] = TFLITE_THREADS,
             row.update(measure_memory(spec, tflite))
         rows.append(row)
     return {"model": manifest["model"], "tflite": tflite.name, "input_shape":
-            manifest["inputs"][0]["shape"], "runs": runs, "warmup": warmup,
+            manifest["inputs"][0]["shape"], "runs": runs, "warmup": warmup, "pause_s": pause_s,
             "machine": machine(), "engines": rows, "skipped": skipped}
 
 
