@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
     engines = {"PyTorch eager": torch_engine(reference_model(manifest), args.threads)}
     engines.update({names[k]: tflite_engine(path, args.threads) for k, path in enumerate(paths)})
-    stats = time_interleaved(engines, x, runs=args.runs, progress=lambda s: print(f"  {s}"))
+    stats = time_interleaved(engines, x, runs=args.runs, progress=lambda s: print(f"  {s}"),
+                             pause_s=0.5)
     ref = stats["PyTorch eager"]
     rows = []
     for k, path in enumerate(paths):
