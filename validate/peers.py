@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench-peers: error: {exc}", file=sys.stderr)
         return 2
     write_json(Path(args.peers) / "peers.json", result)
-    command = "make bench-peers" + (f" (python -m validate.peers {' '.join(argv)})" if argv
-                                    else "")
+    argv = sys.argv[1:] if argv is None else argv
+    command = f"python -m validate.peers {' '.join(argv)}" if argv else "make bench-peers"
     section = format_peers(result, command)
     print(section)
     update_section(Path(args.doc), "peers", section)
