@@ -338,9 +338,9 @@ def plot_runtime(result: dict, dest: str | Path) -> Path:
     errs = [max(r["p90_s"] - r["median_s"], 0.0) for r in rows]
     bar_colors = [colors.get(r["kind"], "#55a868") if r.get("xnnpack", True) else "#93a9c9"
                   for r in rows]
-    ax.barh(ys, medians, xerr=errs, color=bar_colors, capsize=2)
+    ax.barh(ys, medians, xerr=[[0.0] * len(errs), errs], color=bar_colors, capsize=2)
     ax.set_yticks(ys, [r["label"] for r in rows], fontsize=7)
-    ax.set_xlabel("median latency, s (whisker: p90)")
+    ax.set_xlabel("median latency, s (whisker to p90; pale: XNNPACK off)")
     shape = "x".join(map(str, result["input_shape"]))
     ax.set_title(f"{result['model']} {shape}: {result['runs']} interleaved runs", fontsize=9)
     for y, m in zip(ys, medians, strict=True):
