@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-dir", help="folder of photos to calibrate int8 on (e.g. EBB! "
                    "originals); default: the embedded set (calibration/dataset.py)")
     p.add_argument("--calib-samples", type=int, default=8,
-                   help="calibration samples, crops and flips fill up (default %(default)s; about a minute each at 1024x1536 with DPT-Hybrid)")
+                   help="calibration samples, crops and flips fill up (default %(default)s; "
+                        "about a minute each at 1024x1536 with DPT-Hybrid)")
     p.add_argument("--opset", type=int, default=12,
                    help="ONNX opset, 12-15 (default %(default)s: keeps Split builtin in TFLite)")
     p.add_argument("--allow-flex", action="store_true",

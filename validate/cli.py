@@ -1,7 +1,7 @@
 """`validate`: checks that an exported model computes what the PyTorch model computes.
 
-A thin layer over validate.parity (and validate.quality for `validate quality`); exit 0 within
-tolerance, 1 outside it, 2 on bad input.
+A thin layer over validate.parity, validate.runtime and validate.quality; parity exits 0
+within tolerance, 1 outside it; every command exits 2 on bad input.
 """
 
 from __future__ import annotations
@@ -52,7 +52,73 @@ def build_parser() -> argparse.ArgumentParser:
                            "v0.1 heads (lin0-4), one file or several; without: LPIPS n/a")
     qual.add_argument("--limit", type=int, help="score only the first N pairs")
     qual.add_argument("--json", help="also write the full result (per pair) to this JSON file")
+
+    rt = sub.add_parser(
+        "runtime", help="latency and peak memory of every engine of an export",
+        description="Time PyTorch eager, onnxruntime and every TFLite variant of the export that "
+                    "FILE belongs to (threads and XNNPACK on/off), interleaved on the same "
+                    "input: warm-up, N runs, median, p90, min. Peak memory is measured per "
+                    "engine in a fresh process. Writes a table, JSON and a PNG bar chart.")
+    rt.add_argument("--tflite", required=True,
+                    help="any .tflite written by bokeh-export (its manifest names the model)")
+    rt.add_argument("--threads", default="1,2,4", help="thread counts (default %(default)s)")
+    rt.add_argument("--xnnpack", default="on,off",
+                    help="TFLite with the XNNPACK delegate on, off or both (default %(default)s)")
+    rt.add_argument("--runs", type=int, default=5, help="timed runs per engine (%(default)s)")
+    rt.add_argument("--warmup", type=int, default=1, help="untimed runs first (%(default)s)")
+    rt.add_argument("--no-memory", action="store_true",
+                    help="skip the per-engine peak-memory subprocesses")
+    rt.add_argument("--json", help="result file (default: runtime.json beside the .tflite)")
+    rt.add_argument("--png", help="bar chart (default: runtime.png beside the .tflite)")
     return p
+
+
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    from export.io import UserError
+
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"--{what} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UserError(f"--{what} needs positive integers, got {text!r}")
+    return values
+
+
+def _xnnpack_modes(text: str) -> tuple[bool, ...]:
+    from export.io import UserError
+
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names or any(n not in ("on", "off") for n in names):
+        raise UserError(f"--xnnpack takes on, off or on,off, got {text!r}")
+    return tuple(n == "on" for n in dict.fromkeys(names))
+
+
+def runtime_main(args: argparse.Namespace) -> int:
+    from export.io import UserError, ensure_writable_dir, write_json
+    from validate.runtime import format_runtime_table, plot_runtime, run_runtime
+
+    try:
+        threads = _int_list(args.threads, "threads")
+        modes = _xnnpack_modes(args.xnnpack)
+        if args.runs < 1 or args.warmup < 0:
+            raise UserError("--runs must be >= 1 and --warmup >= 0")
+        folder = Path(args.tflite).resolve().parent
+        json_path = Path(args.json) if args.json else folder / "runtime.json"
+        png_path = Path(args.png) if args.png else folder / "runtime.png"
+        for path in (json_path, png_path):
+            ensure_writable_dir(path.resolve().parent)
+        print(f"Runtime of the export of {args.tflite}:")
+        result = run_runtime(args.tflite, threads, modes, args.runs, args.warmup,
+                             memory=not args.no_memory)
+    except UserError as exc:
+        print(f"validate: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_runtime_table(result))
+    write_json(json_path, result)
+    plot_runtime(result, png_path)
+    print(f"Wrote {json_path} and {png_path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
     if args.command == "quality":
         return quality_main(args)
+    if args.command == "runtime":
+        return runtime_main(args)
     from export.io import UserError, write_json
     from export.pipeline import record_parity
     from models.nafnet import CheckpointError

@@ -1,0 +1,63 @@
+"""The exported NAFNet runs wholly inside XNNPACK, and `validate runtime` reports every engine."""
+
+from __future__ import annotations
+
+import json
+
+from validate.cli import main as validate_main
+from validate.profile import delegate_coverage
+from validate.runtime import EngineSpec, measure_memory, plan_engines, read_export
+
+
+def test_export_has_no_transpose_and_one_xnnpack_partition(nafnet_export):
+    out, report = nafnet_export
+    for variant in ("fp32", "fp16"):
+        assert "TRANSPOSE" not in report["variants"][variant]["ops"]
+    cov = delegate_coverage(out / "nafnet_fp32.tflite", threads=1)
+    assert cov["not_delegated"] == {} and cov["partitions"] == 1
+    assert report["rewrites"]["channels_last"] > 0
+
+
+def test_plan_has_every_engine(nafnet_export):
+    out, _ = nafnet_export
+    manifest, folder = read_export(out / "nafnet_fp32.tflite")
+    specs = plan_engines(manifest, folder, threads=(1, 2), xnnpack=(True, False))
+    kinds = [s.kind for s in specs]
+    assert kinds.count("torch") == 2 and kinds.count("onnxruntime") == 2
+    assert kinds.count("tflite") == 2 * 2 * 2  # fp32 + fp16, XNNPACK on/off, 2 thread counts
+
+
+def test_runtime_command_writes_table_json_png(nafnet_export, tmp_path, capsys):
+    out, _ = nafnet_export
+    code = validate_main(["runtime", "--tflite", str(out / "nafnet_fp32.tflite"), "--runs", "1",
+                          "--threads", "1", "--xnnpack", "on", "--no-memory",
+                          "--json", str(tmp_path / "r.json"), "--png", str(tmp_path / "r.png")])
+    assert code == 0
+    assert "| engine | median s |" in capsys.readouterr().out
+    result = json.loads((tmp_path / "r.json").read_text())
+    labels = [e["label"] for e in result["engines"]]
+    assert any("PyTorch" in x for x in labels) and any("onnxruntime" in x for x in labels)
+    assert sum("TFLite" in x for x in labels) == 2
+    for e in result["engines"]:
+        assert e["runs"] == 1 and e["min_s"] > 0
+        if e["kind"] != "torch":
+            assert e["max_abs_diff_vs_torch"] < (1e-4 if "fp32" in e["label"]
+                                                 or e["kind"] == "onnxruntime" else 5e-2)
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_memory_probe_in_fresh_process(nafnet_export):
+    out, _ = nafnet_export
+    tflite = out / "nafnet_fp32.tflite"
+    result = measure_memory(EngineSpec("t", "tflite", 1, str(tflite)), tflite)
+    assert result.get("peak_mib") is not None and result["peak_mib"] > 0, result
+
+
+def test_runtime_bad_input_exit_2(nafnet_export, tmp_path, capsys):
+    out, _ = nafnet_export
+    assert validate_main(["runtime", "--tflite", str(tmp_path / "x.tflite")]) == 2
+    assert "no such TFLite file" in capsys.readouterr().err
+    assert validate_main(["runtime", "--tflite", str(out / "nafnet_fp32.tflite"),
+                          "--threads", "two"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--threads" in err[0]

@@ -1,0 +1,117 @@
+"""Each export rewrite pass measured: TFLite built with the first k passes, k = 0..all.
+
+Every variant goes from the same simplified ONNX through onnx-tf, the frozen NHWC graph and the
+TFLite converter (the export's own stage functions), so the only difference between neighbours
+is one pass. The variants are then timed interleaved on one input, checked against PyTorch, and
+their op counts and XNNPACK coverage reported.
+
+    python -m validate.passes_bench --export build/export --out build/passes --doc FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from export.io import UserError, read_json, write_json
+
+
+def build_prefix(sim_onnx: Path, k: int, folder: Path, input_shape_nhwc: tuple[int, ...]
+                 ) -> Path:
+    """The fp32 TFLite of ``sim_onnx`` rewritten with the first ``k`` passes (cached on disk)."""
+    from export import tf_stages, tflite_stage
+    from export.rewrites import PASSES
+
+    dest = folder / f"passes_{k:02d}.tflite"
+    if dest.is_file():
+        return dest
+    model = onnx.load(str(sim_onnx))
+    for rewrite_pass in PASSES[:k]:
+        model, _ = rewrite_pass(model)
+    onnx.save(model, str(folder / f"passes_{k:02d}.onnx"))
+    saved = tf_stages.to_tensorflow(folder / f"passes_{k:02d}.onnx", folder / f"sm_{k:02d}")
+    fn = tf_stages.nchw_to_nhwc_function(saved, input_shape_nhwc)
+    frozen, spec = tf_stages.freeze(fn, folder / f"passes_{k:02d}.pb")
+    return tflite_stage.to_tflite(frozen, spec, dest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m validate.passes_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--export", default="build/export", help="export folder (%(default)s)")
+    p.add_argument("--out", default="build/passes", help="where variants go (%(default)s)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--build-only", action="store_true", help="build the variants, time nothing")
+    p.add_argument("--json", help="result file (default: OUT/passes.json)")
+    args = p.parse_args(argv)
+    from export.rewrites import PASSES
+    from validate.profile import delegate_coverage
+    from validate.runtime import tflite_engine, time_interleaved, torch_engine
+
+    try:
+        manifest = read_json(Path(args.export) / "nafnet_fp32.manifest.json")
+        sim = Path(args.export) / "nafnet_sim.onnx"
+        if not sim.is_file():
+            raise UserError(f"{sim}: no such file; run the export first")
+    except UserError as exc:
+        print(f"passes_bench: error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shape = tuple(manifest["inputs"][0]["shape"])
+    names = ["none (onnxsim output)"] + [f"+ {f.__name__}" for f in PASSES]
+    paths = []
+    for k in range(len(PASSES) + 1):
+        print(f"  building {k}: {names[k]}", flush=True)
+        with contextlib.redirect_stdout(io.StringIO()):
+            paths.append(build_prefix(sim, k, out, shape))
+    if args.build_only:
+        return 0
+    from validate.parity import reference_model
+
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    engines = {"PyTorch eager": torch_engine(reference_model(manifest), args.threads)}
+    engines.update({names[k]: tflite_engine(path, args.threads) for k, path in enumerate(paths)})
+    stats = time_interleaved(engines, x, runs=args.runs, progress=lambda s: print(f"  {s}"),
+                             pause_s=0.5)
+    ref = stats["PyTorch eager"]
+    rows = []
+    for k, path in enumerate(paths):
+        s = stats[names[k]]
+        from export.tflite_stage import inspect_tflite
+
+        info = inspect_tflite(path)
+        cov = delegate_coverage(path, args.threads)
+        rows.append({"passes": k, "name": names[k], "median_s": s["median_s"],
+                     "min_s": s["min_s"], "ops": sum(info.op_histogram.values()),
+                     "transposes": info.op_histogram.get("TRANSPOSE", 0),
+                     "partitions": cov["partitions"], "not_delegated": cov["not_delegated"],
+                     "max_abs_diff": float(np.abs(s["output"] - ref["output"]).max())})
+    result = {"threads": args.threads, "runs": args.runs, "torch_median_s": ref["median_s"],
+              "shape": list(shape), "rows": rows}
+    write_json(args.json or out / "passes.json", result)
+    print(format_rows(result))
+    return 0
+
+
+def format_rows(result: dict) -> str:
+    lines = [f"PyTorch eager: {result['torch_median_s']:.3f} s median",
+             "| passes applied | median s | min s | ops | TRANSPOSE | XNNPACK partitions | "
+             "outside XNNPACK | max abs diff vs PyTorch |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        outside = ", ".join(f"{k} {v}" for k, v in r["not_delegated"].items()) or "none"
+        lines.append(f"| {r['name']} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['ops']} | "
+                     f"{r['transposes']} | {r['partitions']} | {outside} | "
+                     f"{r['max_abs_diff']:.1e} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

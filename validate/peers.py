@@ -1,0 +1,166 @@
+"""`make bench-peers`: our NAFNet TFLite against the one onnx2tf makes from the same ONNX.
+
+onnx2tf pins TensorFlow 2.19, which cannot share an environment with onnx-tf's TF 2.15, so it
+runs from its own virtual environment (``.venv-peers``, made by the Makefile) as a subprocess.
+Its TFLite then runs on *our* interpreter, interleaved with ours and with PyTorch eager on the
+same input and thread count, so the ratios compare converters, not runtimes or moments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from export.io import UserError, read_json, write_json
+
+ONNX2TF_VERSION = "1.29.24"
+PAUSE_S = 0.5  # idle gap before each timed call (see validate.runtime.time_interleaved)
+
+
+def convert_with_onnx2tf(onnx_path: Path, out_dir: Path, venv: Path) -> Path:
+    """onnx2tf's float32 TFLite of ``onnx_path`` (reused while newer than the ONNX file)."""
+    tflite = out_dir / f"{onnx_path.stem}_float32.tflite"
+    if tflite.is_file() and tflite.stat().st_mtime > onnx_path.stat().st_mtime:
+        return tflite
+    exe = venv / "bin" / "onnx2tf"
+    if not exe.is_file():
+        raise UserError(f"{exe}: not found; `make bench-peers` creates {venv} with onnx2tf "
+                        f"{ONNX2TF_VERSION}")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    log = out_dir.with_suffix(".log")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    print(f"  onnx2tf {onnx_path} -> {out_dir}/ (minutes; log in {log})", flush=True)
+    start = time.perf_counter()
+    with log.open("w") as sink:
+        done = subprocess.run([str(exe), "-i", str(onnx_path), "-o", str(out_dir)],
+                              stdout=sink, stderr=subprocess.STDOUT)
+    if done.returncode or not tflite.is_file():
+        raise UserError(f"onnx2tf failed (exit {done.returncode}); see {log}")
+    print(f"  ok onnx2tf {time.perf_counter() - start:.0f} s  {tflite}")
+    return tflite
+
+
+def _nhwc_runner(path: Path, threads: int, in_shape: list[int], out_shape: list[int]):
+    """Our interpreter on any TFLite of the model, NHWC in and out whatever layout it uses.
+
+    onnx2tf makes the input NHWC but may keep an NCHW output; a transpose outside the timed
+    interpreter call would bill our side, so it is applied to the returned array only.
+    """
+    from export.tflite_stage import make_interpreter
+    from validate.runtime import tflite_engine
+
+    run = tflite_engine(path, threads)
+    probe = make_interpreter(path, 1, xnnpack=False)
+    want_in = [int(d) for d in probe.get_input_details()[0]["shape"]]
+    want_out = [int(d) for d in probe.get_output_details()[0]["shape"]]
+    n, h, w, c = in_shape
+    if want_in not in (in_shape, [n, c, h, w]):
+        raise UserError(f"{path}: input shape {want_in} is neither NHWC nor NCHW of {in_shape}")
+    to_model = (lambda x: x) if want_in == in_shape else (
+        lambda x: np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    from_model = (lambda y: y) if want_out == out_shape else (lambda y: y.transpose(0, 2, 3, 1))
+    return lambda x: from_model(run(to_model(x)))
+
+
+def bench_peers(export: Path, peers: Path, venv: Path, threads: int, runs: int,
+                baseline: Path | None = None) -> dict:
+    from validate.parity import reference_model
+    from validate.runtime import machine, time_interleaved, torch_engine
+
+    manifest = read_json(export / "nafnet_fp32.manifest.json")
+    shape = manifest["inputs"][0]["shape"]
+    out_shape = manifest["outputs"][0]["shape"]
+    theirs = convert_with_onnx2tf(export / "nafnet_sim.onnx", peers / "onnx2tf", venv)
+    ours = export / "nafnet_fp32.tflite"
+    engines = {"PyTorch eager": torch_engine(reference_model(manifest), threads),
+               "ours (nafnet_fp32.tflite)": _nhwc_runner(ours, threads, shape, out_shape),
+               f"onnx2tf {ONNX2TF_VERSION} ({theirs.name})": _nhwc_runner(
+                   theirs, threads, shape, out_shape)}
+    if baseline is not None:
+        engines[f"onnx-tf without rewrites ({baseline.name})"] = _nhwc_runner(
+            baseline, threads, shape, out_shape)
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    print(f"Timing {len(engines)} engines, {runs} interleaved rounds, {threads} threads ...")
+    stats = time_interleaved(engines, x, runs=runs, progress=lambda s: print(f"  {s}"),
+                             pause_s=PAUSE_S)
+    names = list(engines)
+    torch_s, ours_s, theirs_s = (stats[n] for n in names[:3])
+    rows = []
+    for name in names:
+        s = stats[name]
+        rows.append({"engine": name, "median_s": s["median_s"], "p90_s": s["p90_s"],
+                     "min_s": s["min_s"],
+                     "vs_torch": s["median_s"] / torch_s["median_s"],
+                     "max_abs_diff_vs_torch": float(np.abs(s["output"] - torch_s["output"]).max())})
+    return {"shape": shape, "threads": threads, "runs": runs, "machine": machine(),
+            "rows": rows, "ours_vs_onnx2tf": ours_s["median_s"] / theirs_s["median_s"],
+            "ours_vs_torch": ours_s["median_s"] / torch_s["median_s"],
+            "onnx2tf_vs_ours_max_abs_diff": float(np.abs(theirs_s["output"]
+                                                         - ours_s["output"]).max())}
+
+
+def format_peers(result: dict, command: str) -> str:
+    h, w = result["shape"][1:3]
+    m = result["machine"]
+    lines = [f"## NAFNet {h}x{w}, fp32, {result['threads']} threads: peer converters", "",
+             f"Command: `{command}`. Machine: {m['cpu']}, {m['cores']} cores, load average "
+             f"{m['load_avg_1m']:.1f} at the end. Median of {result['runs']} interleaved runs "
+             "after one warm-up, all "
+             f"TFLite files on the same interpreter (TF 2.15, XNNPACK), {PAUSE_S} s idle before "
+             "each timed call.", "",
+             "| engine | median s | p90 s | min s | time vs PyTorch | max abs diff vs PyTorch |",
+             "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        diff = "-" if r["engine"] == "PyTorch eager" else f"{r['max_abs_diff_vs_torch']:.1e}"
+        lines.append(f"| {r['engine']} | {r['median_s']:.3f} | {r['p90_s']:.3f} | "
+                     f"{r['min_s']:.3f} | {r['vs_torch']:.2f}x | {diff} |")
+    lines += ["", f"Ours / onnx2tf: **{result['ours_vs_onnx2tf']:.2f}x** (target <= 0.8x). "
+              f"Ours / PyTorch eager: **{result['ours_vs_torch']:.2f}x** (target <= 0.3x). "
+              f"onnx2tf vs ours: max abs diff {result['onnx2tf_vs_ours_max_abs_diff']:.1e}."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m validate.peers", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--export", default="build/export", help="our export folder (%(default)s)")
+    p.add_argument("--peers", default="build/peers", help="peer outputs (%(default)s)")
+    p.add_argument("--venv", default=".venv-peers", help="onnx2tf's environment (%(default)s)")
+    p.add_argument("--baseline", help="also time this TFLite (e.g. one built without rewrites)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--doc", default="docs/benchmarks-runtime.md", help="markdown to update")
+    args = p.parse_args(argv)
+    from validate.bench import update_section
+
+    try:
+        export = Path(args.export)
+        for name in ("nafnet_fp32.manifest.json", "nafnet_sim.onnx", "nafnet_fp32.tflite"):
+            if not (export / name).is_file():
+                raise UserError(f"{export / name}: no such file; run `make export` first")
+        if args.baseline and not Path(args.baseline).is_file():
+            raise UserError(f"{args.baseline}: no such TFLite file")
+        result = bench_peers(export, Path(args.peers), Path(args.venv), args.threads, args.runs,
+                             Path(args.baseline) if args.baseline else None)
+    except UserError as exc:
+        print(f"bench-peers: error: {exc}", file=sys.stderr)
+        return 2
+    write_json(Path(args.peers) / "peers.json", result)
+    argv = sys.argv[1:] if argv is None else argv
+    command = f"python -m validate.peers {' '.join(argv)}" if argv else "make bench-peers"
+    section = format_peers(result, command)
+    print(section)
+    update_section(Path(args.doc), "peers", section)
+    print(f"Updated {args.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
