@@ -61,3 +61,18 @@ def test_runtime_bad_input_exit_2(nafnet_export, tmp_path, capsys):
                           "--threads", "two"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--threads" in err[0]
+
+
+def test_peers_needs_an_export_and_runs_any_layout(nafnet_export, tmp_path, capsys):
+    from validate import peers
+
+    assert peers.main(["--export", str(tmp_path), "--doc", str(tmp_path / "d.md")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run `make export` first" in err[0]
+    out, _ = nafnet_export
+    manifest, _ = read_export(out / "nafnet_fp32.tflite")
+    shape, out_shape = manifest["inputs"][0]["shape"], manifest["outputs"][0]["shape"]
+    run = peers._nhwc_runner(out / "nafnet_fp32.tflite", 1, shape, out_shape)
+    import numpy as np
+
+    assert list(run(np.zeros(shape, np.float32)).shape) == out_shape
