@@ -69,7 +69,7 @@ $(PEERS_STAMP):
 bench-peers: $(VENV_STAMP) $(PEERS_STAMP)
 	@test -f $(OUT)/nafnet_fp32.tflite || $(MAKE) export
 	$(BIN)/python -m validate.peers --export $(OUT) --peers build/peers --venv $(PEERS_VENV) \
-		--doc docs/benchmarks-runtime.md
+		--doc docs/benchmarks.md
 
 lint: $(VENV_STAMP)
 	$(BIN)/ruff check .

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", help="also time this TFLite (e.g. one built without rewrites)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--doc", default="docs/benchmarks-runtime.md", help="markdown to update")
+    p.add_argument("--doc", default="docs/benchmarks.md", help="markdown to update")
     args = p.parse_args(argv)
     from validate.bench import update_section
 
