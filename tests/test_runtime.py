@@ -12,7 +12,7 @@ from validate.runtime import EngineSpec, measure_memory, plan_engines, read_expo
 def test_export_has_no_transpose_and_one_xnnpack_partition(nafnet_export):
     out, report = nafnet_export
     for variant in ("fp32", "fp16"):
-        assert "TRANSPOSE" not in report["variants"][variant]["ops"]
+        assert "TRANSPOSE" not in report["variants"][f"nafnet_{variant}.tflite"]["ops"]
     cov = delegate_coverage(out / "nafnet_fp32.tflite", threads=1)
     assert cov["not_delegated"] == {} and cov["partitions"] == 1
     assert report["rewrites"]["channels_last"] > 0
