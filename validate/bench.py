@@ -163,8 +163,11 @@ def write_photos(folder: Path) -> Path:
     import skimage.data
 
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left"):
-        iio.imwrite(folder / f"{name}.png", getattr(skimage.data, name)())
+    photos = {name: getattr(skimage.data, name)() for name in ("astronaut", "coffee", "chelsea",
+                                                               "rocket")}
+    photos["motorcycle_left"] = skimage.data.stereo_motorcycle()[0]  # the left view
+    for name, image in photos.items():
+        iio.imwrite(folder / f"{name}.png", image)
     return folder
 
 
