@@ -59,12 +59,6 @@ def load_saved_model_fn(path: str | Path) -> tuple[Callable, str, str]:
     return fn, input_name, output_name
 
 
-def run_saved_model(path: str | Path, x: np.ndarray) -> np.ndarray:
-    """One forward pass through a single-input, single-output SavedModel."""
-    fn, input_name, output_name = load_saved_model_fn(path)
-    return fn(**{input_name: x.astype(np.float32)})[output_name].numpy()
-
-
 def nchw_to_nhwc_function(saved_model: str | Path, input_shape_nhwc: tuple[int, ...]):
     """A tf.function taking NHWC that calls the NCHW onnx-tf graph between two transposes."""
     tf = quiet_tensorflow()
