@@ -3,8 +3,12 @@
 Same network as ``models.dpt`` (which names the paper and reference code), built for one static
 input size so that it converts to TFLite with builtin ops only and every tensor of rank <= 4,
 which is what the phone GPU delegate accepts:
-- GroupNorm reshapes to ``[N, H*W, G, C/G]``; attention runs as ``[N, heads, tokens, dim]``;
+- GroupNorm takes spatial means (the MEAN form every XNNPACK build delegates) and averages them
+  over each group with a constant 1x1 conv; attention runs as ``[N, heads, tokens, dim]``;
   norms compute the variance as ``mean((x - mean)^2)`` (no sum of squares to overflow fp16).
+- Each fusion block's 1x1 ``out_conv`` runs before its bilinear x2 upsampling, on a quarter of
+  the pixels: both are linear and the bilinear weights sum to one, so the order does not change
+  the result (beyond float rounding).
 - Weight standardisation of the hybrid stem is done once, at port time; the graph has plain
   convs with TF "SAME" padding, which is what timm's ``StdConv2dSame`` emulates.
 - The position embedding is resized for the model's token grid at port time (a constant).
@@ -49,8 +53,14 @@ class LayerNorm(layers.Layer):
 
 
 class GroupNorm(layers.Layer):
-    """GroupNorm on NHWC through a rank-4 ``[N, H*W, G, C/G]`` view, optionally followed by ReLU
-    (timm ``GroupNormAct``)."""
+    """GroupNorm on NHWC, optionally followed by ReLU (timm ``GroupNormAct``).
+
+    Statistics are spatial means ``[N, 1, 1, C]`` averaged over each group of channels by a
+    constant block-diagonal 1x1 conv, so no op reduces over channels: XNNPACK in TF 2.15 runs
+    only spatial MEANs, and a ``[N, H*W, G, C/G]`` view left 104 MEANs outside the delegate.
+    The output is ``x * scale + shift`` with per-channel ``scale``/``shift``: two passes over
+    the feature map instead of four.
+    """
 
     def __init__(self, groups: int, eps: float = 1e-5, relu: bool = True, **kwargs):
         super().__init__(**kwargs)
@@ -60,14 +70,19 @@ class GroupNorm(layers.Layer):
         channels = int(input_shape[-1])
         self.gamma = self.add_weight(name="gamma", shape=(channels,), initializer="ones")
         self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros")
+        size = channels // self.groups
+        average = np.kron(np.eye(self.groups), np.full((size, size), 1.0 / size))
+        self.group_average = average[None, None].astype(np.float32)  # 1x1 conv kernel, HWIO
+
+    def _group_mean(self, x: tf.Tensor) -> tf.Tensor:
+        spatial = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
+        return tf.nn.conv2d(spatial, tf.constant(self.group_average), 1, "VALID")
 
     def call(self, x: tf.Tensor) -> tf.Tensor:
-        _, h, w, c = x.shape
-        g = tf.reshape(x, [-1, h * w, self.groups, c // self.groups])
-        centred = g - tf.reduce_mean(g, axis=[1, 3], keepdims=True)
-        variance = tf.reduce_mean(tf.square(centred), axis=[1, 3], keepdims=True)
-        y = tf.reshape(centred * tf.math.rsqrt(variance + self.eps), [-1, h, w, c])
-        y = y * self.gamma + self.beta
+        mean = self._group_mean(x)
+        variance = self._group_mean(tf.math.squared_difference(x, mean))
+        scale = self.gamma / tf.sqrt(variance + self.eps)
+        y = x * scale + (self.beta - mean * scale)
         return tf.nn.relu(y) if self.relu else y
 
 
@@ -204,8 +219,8 @@ def residual_conv_unit(x: tf.Tensor, features: int, prefix: str) -> tf.Tensor:
 def fusion_block(x: tf.Tensor, skip: tf.Tensor | None, features: int, prefix: str) -> tf.Tensor:
     if skip is not None:
         x = x + residual_conv_unit(skip, features, f"{prefix}.resConfUnit1")
-    x = upsample2x(residual_conv_unit(x, features, f"{prefix}.resConfUnit2"))
-    return layers.Conv2D(features, 1, name=f"{prefix}.out_conv")(x)
+    x = residual_conv_unit(x, features, f"{prefix}.resConfUnit2")
+    return upsample2x(layers.Conv2D(features, 1, name=f"{prefix}.out_conv")(x))
 
 
 def build_keras_dpt(config: DPTConfig, height: int, width: int,
