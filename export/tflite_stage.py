@@ -221,20 +221,43 @@ def _fp16_weight_consumers(path: str | Path) -> set[int]:
 
 
 def run_tflite(path: str | Path, inputs: list[np.ndarray], threads: int | None = None,
-               xnnpack: bool = True) -> list[np.ndarray]:
+               xnnpack: bool = True, runtime: str = "tensorflow") -> list[np.ndarray]:
     """One forward pass; inputs and outputs in the model's own order."""
-    interpreter = make_interpreter(path, threads, xnnpack)
+    interpreter = make_interpreter(path, threads, xnnpack, runtime)
     for detail, value in zip(interpreter.get_input_details(), inputs, strict=True):
         interpreter.set_tensor(detail["index"], value.astype(detail["dtype"]))
     interpreter.invoke()
     return [interpreter.get_tensor(d["index"]).copy() for d in interpreter.get_output_details()]
 
 
-def make_interpreter(path: str | Path, threads: int | None = None, xnnpack: bool = True):
-    tf = quiet_tensorflow()
-    resolver = (tf.lite.experimental.OpResolverType.AUTO if xnnpack
-                else tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    interpreter = tf.lite.Interpreter(model_path=str(path), num_threads=threads,
-                                      experimental_op_resolver_type=resolver)
+# Two interpreters run the same .tflite file: TensorFlow's own (the converter's version, 2.15)
+# and LiteRT (the ai-edge-litert package), the runtime TFLite ships as today, with the newer
+# XNNPACK that phone apps bundle. Results match; speed and delegate coverage differ.
+RUNTIMES = ("tensorflow", "litert")
+
+
+def runtime_label(runtime: str) -> str:
+    """A table label naming the interpreter and its version."""
+    if runtime == "litert":
+        from importlib.metadata import version
+
+        return f"LiteRT {version('ai-edge-litert')}"
+    return f"TF {quiet_tensorflow().__version__} interpreter"
+
+
+def make_interpreter(path: str | Path, threads: int | None = None, xnnpack: bool = True,
+                     runtime: str = "tensorflow"):
+    """An allocated interpreter of ``runtime`` (see RUNTIMES), XNNPACK on or off."""
+    if runtime == "litert":
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    elif runtime == "tensorflow":
+        tf = quiet_tensorflow()
+        Interpreter, OpResolverType = tf.lite.Interpreter, tf.lite.experimental.OpResolverType
+    else:
+        raise ValueError(f"unknown TFLite runtime {runtime!r}; choose from {RUNTIMES}")
+    resolver = (OpResolverType.AUTO if xnnpack
+                else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter = Interpreter(model_path=str(path), num_threads=threads,
+                              experimental_op_resolver_type=resolver)
     interpreter.allocate_tensors()
     return interpreter

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from export.tflite_stage import RUNTIMES
 from validate.cli import main as validate_main
 from validate.profile import delegate_coverage
 from validate.runtime import EngineSpec, measure_memory, plan_engines, read_export
@@ -13,9 +14,25 @@ def test_export_has_no_transpose_and_one_xnnpack_partition(nafnet_export):
     out, report = nafnet_export
     for variant in ("fp32", "fp16"):
         assert "TRANSPOSE" not in report["variants"][f"nafnet_{variant}.tflite"]["ops"]
-    cov = delegate_coverage(out / "nafnet_fp32.tflite", threads=1)
-    assert cov["not_delegated"] == {} and cov["partitions"] == 1
+    for runtime in RUNTIMES:
+        cov = delegate_coverage(out / "nafnet_fp32.tflite", threads=1, runtime=runtime)
+        assert cov["not_delegated"] == {} and cov["partitions"] == 1, runtime
     assert report["rewrites"]["channels_last"] > 0
+
+
+def test_litert_and_tensorflow_interpreters_agree(nafnet_export):
+    """Both interpreters run the same file; XNNPACK versions differ, the math must not."""
+    import numpy as np
+
+    from export.tflite_stage import run_tflite
+
+    out, _ = nafnet_export
+    path = out / "nafnet_fp32.tflite"
+    manifest, _ = read_export(path)
+    x = np.random.default_rng(3).random(manifest["inputs"][0]["shape"], dtype=np.float32)
+    tf_out, lite_out = (run_tflite(path, [x], threads=1, runtime=r)[0] for r in RUNTIMES)
+    assert tf_out.shape == lite_out.shape and np.abs(tf_out).max() > 0
+    assert np.abs(tf_out - lite_out).max() < 1e-5
 
 
 def test_plan_has_every_engine(nafnet_export):
@@ -24,7 +41,9 @@ def test_plan_has_every_engine(nafnet_export):
     specs = plan_engines(manifest, folder, threads=(1, 2), xnnpack=(True, False))
     kinds = [s.kind for s in specs]
     assert kinds.count("torch") == 2 and kinds.count("onnxruntime") == 2
-    assert kinds.count("tflite") == 2 * 2 * 2  # fp32 + fp16, XNNPACK on/off, 2 thread counts
+    # fp32 + fp16, two interpreters, XNNPACK on/off, 2 thread counts
+    assert kinds.count("tflite") == 2 * 2 * 2 * 2
+    assert {s.runtime for s in specs if s.kind == "tflite"} == set(RUNTIMES)
 
 
 def test_runtime_command_writes_table_json_png(nafnet_export, tmp_path, capsys):
@@ -37,7 +56,8 @@ def test_runtime_command_writes_table_json_png(nafnet_export, tmp_path, capsys):
     result = json.loads((tmp_path / "r.json").read_text())
     labels = [e["label"] for e in result["engines"]]
     assert any("PyTorch" in x for x in labels) and any("onnxruntime" in x for x in labels)
-    assert sum("TFLite" in x for x in labels) == 2
+    assert sum("TFLite" in x for x in labels) == 2 * len(RUNTIMES)
+    assert sum("LiteRT" in x for x in labels) == 2
     for e in result["engines"]:
         assert e["runs"] == 1 and e["min_s"] > 0
         if e["kind"] != "torch":
@@ -61,6 +81,10 @@ def test_runtime_bad_input_exit_2(nafnet_export, tmp_path, capsys):
                           "--threads", "two"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--threads" in err[0]
+    assert validate_main(["runtime", "--tflite", str(out / "nafnet_fp32.tflite"),
+                          "--runtime", "tflite-nightly"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--runtime" in err[0]
 
 
 def test_peers_needs_an_export_and_runs_any_layout(nafnet_export, tmp_path, capsys):

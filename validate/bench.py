@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from export.io import UserError, read_json, write_bytes
-from validate.runtime import onnx_engine, tflite_engine, time_interleaved, torch_engine
+from export.tflite_stage import RUNTIMES, runtime_label
+from validate.runtime import Runner, onnx_engine, tflite_engine, time_interleaved, torch_engine
 
 
 def cpu_name() -> str:
@@ -94,8 +95,7 @@ def bench_nafnet(out: Path, manifest: dict, threads: int, runs: int, command: st
     engines = {
         "PyTorch eager": torch_engine(reference_model(manifest), threads),
         "onnxruntime (nafnet_mobile.onnx)": onnx_engine(out / "nafnet_mobile.onnx", threads),
-        "TFLite fp32 + XNNPACK (nafnet_fp32.tflite)": tflite_engine(
-            out / "nafnet_fp32.tflite", threads),
+        **tflite_engines(out, "nafnet", ("fp32",), threads),
     }
     x = np.random.default_rng(0).random((1, height, width, 4), dtype=np.float32)
     print(f"NAFNet: {len(engines)} engines, {runs} interleaved rounds, {threads} threads ...")
@@ -103,6 +103,20 @@ def bench_nafnet(out: Path, manifest: dict, threads: int, runs: int, command: st
     return "\n".join([*_header(f"NAFNet {height}x{width}, fp32, {threads} threads", command,
                                 manifest, runs),
                       *_timing_table(stats, "PyTorch eager", diffs=True)])
+
+
+def tflite_engines(out: Path, model: str, variants: tuple[str, ...],
+                   threads: int) -> dict[str, Runner]:
+    """Each variant's file in each TFLite interpreter, XNNPACK on (variants not exported are
+    left out)."""
+    engines = {}
+    for variant in variants:
+        path = out / f"{model}_{variant}.tflite"
+        if path.is_file():
+            for runtime in RUNTIMES:
+                engines[f"TFLite {variant} + XNNPACK, {runtime_label(runtime)} ({path.name})"] = (
+                    tflite_engine(path, threads, runtime=runtime))
+    return engines
 
 
 class _BokehOnly(torch.nn.Module):
@@ -123,16 +137,14 @@ def bench_fused(out: Path, manifest: dict, threads: int, runs: int, command: str
     height, width = manifest["height"], manifest["width"]
     engines = {"PyTorch reference pipeline (DPT + NAFNet)": torch_engine(
         _BokehOnly(reference_pipeline(manifest)), threads)}
-    for variant in ("fp32", "fp16"):
-        path = out / f"bokeh_{variant}.tflite"
-        if path.is_file():
-            engines[f"TFLite {variant} + XNNPACK ({path.name})"] = tflite_engine(path, threads)
+    engines.update(tflite_engines(out, "bokeh", ("fp32", "fp16"), threads))
     x = np.random.default_rng(0).random((1, height, width, 3), dtype=np.float32)
     print(f"Fused: {len(engines)} engines, {runs} interleaved rounds, {threads} threads ...")
     stats = time_interleaved(engines, x, runs=runs, progress=lambda s: print(f"  {s}"))
     lines = [*_header(f"Fused photo -> bokeh model {height}x{width}, {threads} threads",
                       command, manifest, runs),
-             *_timing_table(stats, next(iter(engines)), diffs=False)]
+             *_timing_table(stats, next(iter(engines)), diffs=False),
+             "", _interpreters_agree(stats)]
     if photos is not None:
         names = ", ".join(p.stem for p in sorted(photos.iterdir()))
         lines += ["", f"Parity on real photos ({names}; scikit-image), TFLite vs the PyTorch "
@@ -155,6 +167,20 @@ def bench_fused(out: Path, manifest: dict, threads: int, runs: int, command: str
                     lines.append(f"| {label} | {name} | {worst:.1e} | {psnr:.1f} | {tol_text} | "
                                  f"{'pass' if stage['passed'] else 'FAIL'} |")
     return "\n".join(lines)
+
+
+def _interpreters_agree(stats: dict[str, dict]) -> str:
+    """One line: the largest difference between the interpreters on the same file and input."""
+    by_file: dict[str, list[np.ndarray]] = {}
+    for name, s in stats.items():
+        if name.startswith("TFLite"):
+            by_file.setdefault(name.rsplit("(", 1)[-1], []).append(s["output"])
+    diffs = [float(np.abs(outs[0] - other).max())
+             for outs in by_file.values() for other in outs[1:]]
+    if not diffs:
+        return "Only one TFLite interpreter was timed."
+    return (f"The interpreters on the same file and input (first output): max abs diff "
+            f"{max(diffs):.1e}.")
 
 
 def write_photos(folder: Path) -> Path:

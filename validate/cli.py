@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--threads", default="1,2,4", help="thread counts (default %(default)s)")
     rt.add_argument("--xnnpack", default="on,off",
                     help="TFLite with the XNNPACK delegate on, off or both (default %(default)s)")
+    rt.add_argument("--runtime", default="tensorflow,litert",
+                    help="TFLite interpreters: tensorflow (TF 2.15's own), litert (the "
+                         "ai-edge-litert package, newer XNNPACK) or both (default %(default)s)")
     rt.add_argument("--runs", type=int, default=5, help="timed runs per engine (%(default)s)")
     rt.add_argument("--warmup", type=int, default=1, help="untimed runs first (%(default)s)")
     rt.add_argument("--no-memory", action="store_true",
@@ -94,6 +97,17 @@ def _xnnpack_modes(text: str) -> tuple[bool, ...]:
     return tuple(n == "on" for n in dict.fromkeys(names))
 
 
+def _runtimes(text: str) -> tuple[str, ...]:
+    from export.io import UserError
+    from export.tflite_stage import RUNTIMES
+
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names or any(n not in RUNTIMES for n in names):
+        raise UserError(f"--runtime takes {' or '.join(RUNTIMES)} (comma-separated), "
+                        f"got {text!r}")
+    return tuple(dict.fromkeys(names))
+
+
 def runtime_main(args: argparse.Namespace) -> int:
     from export.io import UserError, ensure_writable_dir, write_json
     from validate.runtime import format_runtime_table, plot_runtime, run_runtime
@@ -101,6 +115,7 @@ def runtime_main(args: argparse.Namespace) -> int:
     try:
         threads = _int_list(args.threads, "threads")
         modes = _xnnpack_modes(args.xnnpack)
+        runtimes = _runtimes(args.runtime)
         if args.runs < 1 or args.warmup < 0:
             raise UserError("--runs must be >= 1 and --warmup >= 0")
         folder = Path(args.tflite).resolve().parent
@@ -110,7 +125,7 @@ def runtime_main(args: argparse.Namespace) -> int:
             ensure_writable_dir(path.resolve().parent)
         print(f"Runtime of the export of {args.tflite}:")
         result = run_runtime(args.tflite, threads, modes, args.runs, args.warmup,
-                             memory=not args.no_memory)
+                             memory=not args.no_memory, runtimes=runtimes)
     except UserError as exc:
         print(f"validate: error: {exc}", file=sys.stderr)
         return 2

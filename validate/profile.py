@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 
 
-def delegate_coverage(path: str | Path, threads: int = 2) -> dict:
+def delegate_coverage(path: str | Path, threads: int = 2, runtime: str = "tensorflow") -> dict:
     """Ops per type inside and outside XNNPACK, and the number of delegate partitions."""
     from export.tflite_stage import make_interpreter
 
-    interpreter = make_interpreter(path, threads, xnnpack=True)
+    interpreter = make_interpreter(path, threads, xnnpack=True, runtime=runtime)
     ops = interpreter._get_ops_details()
     partitions = [op for op in ops if op["op_name"] == "DELEGATE"]
     partition_outputs = {t for op in partitions for t in op["outputs"]}
@@ -121,11 +121,13 @@ def profile(path: str | Path, threads: int = 2, latency_s: float | None = None) 
                       "gflop": round(2 * e["macs"] / 1e9, 2), "lower_bound_s": round(bound, 4)})
     total_bytes = sum(e["bytes"] for e in by_type.values())
     total_flop = 2 * sum(e["macs"] for e in by_type.values())
-    result = {"tflite": Path(path).name, "limits": limits, "coverage": delegate_coverage(
-        path, threads), "ops": table, "total_gb": round(total_bytes / 1e9, 2),
-        "total_gflop": round(total_flop / 1e9, 1),
-        "memory_bound_s": round(total_bytes / bw, 3), "compute_bound_s": round(
-            total_flop / peak, 3)}
+    from export.tflite_stage import RUNTIMES, runtime_label
+
+    coverage = {runtime_label(r): delegate_coverage(path, threads, r) for r in RUNTIMES}
+    result = {"tflite": Path(path).name, "limits": limits, "coverage": coverage, "ops": table,
+              "total_gb": round(total_bytes / 1e9, 2), "total_gflop": round(total_flop / 1e9, 1),
+              "memory_bound_s": round(total_bytes / bw, 3),
+              "compute_bound_s": round(total_flop / peak, 3)}
     if latency_s:
         result["latency_s"] = latency_s
         result["achieved_gb_s"] = round(total_bytes / latency_s / 1e9, 2)
@@ -133,15 +135,20 @@ def profile(path: str | Path, threads: int = 2, latency_s: float | None = None) 
     return result
 
 
+def _op_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{op} {n}" for op, n in counts.items()) or "none"
+
+
 def format_profile(result: dict) -> str:
     """Markdown: machine limits, delegate coverage, and per op type traffic, FLOPs, bounds."""
-    lim, cov = result["limits"], result["coverage"]
-    outside = ", ".join(f"{k} {v}" for k, v in cov["not_delegated"].items()) or "none"
+    lim = result["limits"]
     lines = [f"Machine limits: one-thread numpy copy (read + write) "
              f"{lim['copy_48mib_gb_s']} GB/s at 48 MiB (the largest activation), "
              f"{lim['copy_1gib_gb_s']} GB/s at 1 GiB; torch fp32 GEMM, {lim['threads']} "
              f"threads, {lim['gemm_gflop_s']} GFLOP/s. Lower bounds use the faster copy rate.",
-             f"XNNPACK: {cov['partitions']} partition(s); ops outside the delegate: {outside}.",
+             *(f"XNNPACK in the {name}: {cov['partitions']} partition(s); ops outside the "
+               f"delegate: {_op_counts(cov['not_delegated'])}."
+               for name, cov in result["coverage"].items()),
              f"Whole model: {result['total_gb']} GB of tensor traffic, {result['total_gflop']} "
              f"GFLOP; lower bounds {result['memory_bound_s']} s (memory) and "
              f"{result['compute_bound_s']} s (compute).", "",

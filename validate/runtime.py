@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.tflite_stage import RUNTIMES, runtime_label
+
 Runner = Callable[[np.ndarray], np.ndarray]  # NHWC in, NHWC out
 
 
@@ -52,10 +54,10 @@ def onnx_engine(path, threads: int) -> Runner:
     return run
 
 
-def tflite_engine(path, threads: int, xnnpack: bool = True) -> Runner:
+def tflite_engine(path, threads: int, xnnpack: bool = True, runtime: str = "tensorflow") -> Runner:
     from export.tflite_stage import make_interpreter
 
-    interpreter = make_interpreter(path, threads, xnnpack)
+    interpreter = make_interpreter(path, threads, xnnpack, runtime)
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -110,6 +112,7 @@ class EngineSpec:
     path: str = ""  # artifact for onnxruntime / tflite
     xnnpack: bool = True
     variant: str = ""
+    runtime: str = "tensorflow"  # TFLite interpreter: export.tflite_stage.RUNTIMES
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -135,8 +138,10 @@ def sibling_tflites(manifest: dict, folder: Path) -> list[tuple[str, Path]]:
 
 
 def plan_engines(manifest: dict, folder: Path, threads: tuple[int, ...] = TFLITE_THREADS,
-                 xnnpack: tuple[bool, ...] = (True, False)) -> list[EngineSpec]:
-    """PyTorch eager and onnxruntime where the export has them, then every TFLite variant."""
+                 xnnpack: tuple[bool, ...] = (True, False),
+                 runtimes: tuple[str, ...] = RUNTIMES) -> list[EngineSpec]:
+    """PyTorch eager and onnxruntime where the export has them, then every TFLite variant in
+    every interpreter."""
     specs = []
     name = manifest["model"]
     for t in threads:
@@ -147,11 +152,12 @@ def plan_engines(manifest: dict, folder: Path, threads: tuple[int, ...] = TFLITE
             specs.append(EngineSpec(f"onnxruntime ({onnx_stage.name}), {t} thr", "onnxruntime", t,
                                     str(onnx_stage)))
     for variant, path in sibling_tflites(manifest, folder):
-        for on in xnnpack:
-            for t in threads:
-                specs.append(EngineSpec(
-                    f"TFLite {path.name}, {t} thr, XNNPACK {'on' if on else 'off'}", "tflite", t,
-                    str(path), on, variant))
+        for runtime in runtimes:
+            for on in xnnpack:
+                for t in threads:
+                    specs.append(EngineSpec(
+                        f"TFLite {path.name}, {runtime_label(runtime)}, {t} thr, XNNPACK "
+                        f"{'on' if on else 'off'}", "tflite", t, str(path), on, variant, runtime))
     return specs
 
 
@@ -177,7 +183,7 @@ def build_engine(spec: EngineSpec, manifest: dict) -> Runner:
     if spec.kind == "onnxruntime":
         return onnx_engine(spec.path, spec.threads)
     if spec.kind == "tflite":
-        return tflite_engine(spec.path, spec.threads, spec.xnnpack)
+        return tflite_engine(spec.path, spec.threads, spec.xnnpack, spec.runtime)
     raise ValueError(f"unknown engine kind {spec.kind!r}")
 
 
@@ -263,11 +269,11 @@ def measure_memory(spec: EngineSpec, tflite: Path, timeout: float = 900) -> dict
 def run_runtime(tflite: str | Path, threads: tuple[int, ...] = TFLITE_THREADS,
                 xnnpack: tuple[bool, ...] = (True, False), runs: int = 5, warmup: int = 1,
                 memory: bool = True, echo: Callable[[str], None] = print,
-                pause_s: float = 0.5) -> dict:
+                pause_s: float = 0.5, runtimes: tuple[str, ...] = RUNTIMES) -> dict:
     """Time every engine of an export interleaved, and measure each one's peak memory."""
     tflite = Path(tflite)
     manifest, folder = read_export(tflite)
-    specs = plan_engines(manifest, folder, threads, xnnpack)
+    specs = plan_engines(manifest, folder, threads, xnnpack, runtimes)
     x = model_input(manifest)
     engines: dict[str, Runner] = {}
     skipped = {}
@@ -331,16 +337,18 @@ def plot_runtime(result: dict, dest: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = result["engines"]
-    colors = {"torch": "#c44e52", "onnxruntime": "#8172b2", "tflite": "#4c72b0"}
+    colors = {"torch": "#c44e52", "onnxruntime": "#8172b2", "tflite": "#4c72b0",
+              "litert": "#55a868"}
     fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.4))
     ys = np.arange(len(rows))[::-1]
     medians = [r["median_s"] for r in rows]
     errs = [max(r["p90_s"] - r["median_s"], 0.0) for r in rows]
-    bar_colors = [colors.get(r["kind"], "#55a868") if r.get("xnnpack", True) else "#93a9c9"
-                  for r in rows]
+    bar_colors = [colors["litert" if r.get("runtime") == "litert" else r["kind"]]
+                  if r.get("xnnpack", True) else "#93a9c9" for r in rows]
     ax.barh(ys, medians, xerr=[[0.0] * len(errs), errs], color=bar_colors, capsize=2)
     ax.set_yticks(ys, [r["label"] for r in rows], fontsize=7)
-    ax.set_xlabel("median latency, s (whisker to p90; pale: XNNPACK off)")
+    ax.set_xlabel("median latency, s (whisker to p90; blue: TF interpreter, green: LiteRT, "
+                  "pale: XNNPACK off)")
     shape = "x".join(map(str, result["input_shape"]))
     ax.set_title(f"{result['model']} {shape}: {result['runs']} interleaved runs", fontsize=9)
     for y, m in zip(ys, medians, strict=True):
