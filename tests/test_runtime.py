@@ -100,3 +100,32 @@ def test_peers_needs_an_export_and_runs_any_layout(nafnet_export, tmp_path, caps
     import numpy as np
 
     assert list(run(np.zeros(shape, np.float32)).shape) == out_shape
+
+
+def test_profile_counts_conv_dense_and_attention_work(tmp_path):
+    """Multiply-adds from a hand-sized graph: 3x3 conv, dense layer and an attention matmul."""
+    import numpy as np
+    import tensorflow as tf
+
+    from validate.profile import op_costs
+
+    kernel = tf.constant(np.ones((3, 3, 4, 6), np.float32))
+    dense = tf.constant(np.ones((6, 5), np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 8, 10, 4], tf.float32)])
+    def graph(x):
+        y = tf.reshape(tf.nn.conv2d(x, kernel, 1, "SAME"), [80, 6])  # 80 x 6 outputs, 36 each
+        z = tf.matmul(y, dense)  # FULLY_CONNECTED: 80 x 5 outputs, 6 each
+        q = tf.reshape(z, [2, 40, 5])
+        return tf.matmul(q, tf.transpose(q, [0, 2, 1]))  # BATCH_MATMUL: 2 x 40 x 40, 5 each
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [graph.get_concrete_function()], graph)
+    path = tmp_path / "g.tflite"
+    path.write_bytes(converter.convert())
+    macs = {}
+    for row in op_costs(path):
+        macs[row["op"]] = macs.get(row["op"], 0) + row["macs"]
+    assert macs["CONV_2D"] == 80 * 6 * 36
+    assert macs["FULLY_CONNECTED"] == 80 * 5 * 6
+    assert macs["BATCH_MATMUL"] == 2 * 40 * 40 * 5

@@ -61,16 +61,28 @@ def op_costs(path: str | Path) -> list[dict]:
     rows = []
     for op in interpreter._get_ops_details():
         ins = [i for i in op["inputs"] if i >= 0]
-        macs = 0
-        if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D") and len(ins) >= 2:
-            out = tensors[op["outputs"][0]]["shape"]
-            weight = tensors[ins[1]]["shape"]  # OHWI (conv) or 1HWC (depthwise)
-            per_output = int(np.prod(weight[1:])) if op["op_name"] == "CONV_2D" else int(
-                np.prod(weight[1:3]))
-            macs = int(np.prod(out)) * per_output
+        shapes = [list(tensors[i]["shape"]) for i in ins if i in tensors]
+        out = tensors[op["outputs"][0]]["shape"]
         rows.append({"op": op["op_name"], "bytes": sum(map(nbytes, ins)) + sum(
-            map(nbytes, op["outputs"])), "macs": macs})
+            map(nbytes, op["outputs"])), "macs": int(np.prod(out)) * _macs_per_output(
+                op["op_name"], shapes, list(out))})
     return rows
+
+
+def _macs_per_output(op: str, shapes: list[list[int]], out: list[int]) -> int:
+    """Multiply-adds behind one output element of a conv or matmul op (0 for other ops)."""
+    if len(shapes) < 2:
+        return 0
+    if op == "CONV_2D":  # weight OHWI
+        return int(np.prod(shapes[1][1:]))
+    if op == "DEPTHWISE_CONV_2D":  # weight 1HWC
+        return int(np.prod(shapes[1][1:3]))
+    if op == "FULLY_CONNECTED":  # weight [out, in]
+        return shapes[1][-1]
+    if op == "BATCH_MATMUL":  # out [..., M, N]; the adjoint flags are not exposed, so the
+        a = shapes[0]  # left operand is [..., M, K] or, adjoint, [..., K, M]
+        return a[-1] if a[-2] == out[-2] else a[-2]
+    return 0
 
 
 def machine_limits(threads: int = 2, repeats: int = 10) -> dict:
