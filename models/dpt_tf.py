@@ -3,8 +3,8 @@
 Same network as ``models.dpt`` (which names the paper and reference code), built for one static
 input size so that it converts to TFLite with builtin ops only and every tensor of rank <= 4,
 which is what the phone GPU delegate accepts:
-- GroupNorm takes spatial means (the MEAN form every XNNPACK build delegates) and averages them
-  over each group with a constant 1x1 conv; attention runs as ``[N, heads, tokens, dim]``;
+- GroupNorm takes only spatial means (the MEAN form every XNNPACK build delegates), also for the
+  mean over each group's channels; attention runs as ``[N, heads, tokens, dim]``;
   norms compute the variance as ``mean((x - mean)^2)`` (no sum of squares to overflow fp16).
 - Each fusion block's 1x1 ``out_conv`` runs before its bilinear x2 upsampling, on a quarter of
   the pixels: both are linear and the bilinear weights sum to one, so the order does not change
@@ -55,11 +55,13 @@ class LayerNorm(layers.Layer):
 class GroupNorm(layers.Layer):
     """GroupNorm on NHWC, optionally followed by ReLU (timm ``GroupNormAct``).
 
-    Statistics are spatial means ``[N, 1, 1, C]`` averaged over each group of channels by a
-    constant block-diagonal 1x1 conv, so no op reduces over channels: XNNPACK in TF 2.15 runs
-    only spatial MEANs, and a ``[N, H*W, G, C/G]`` view left 104 MEANs outside the delegate.
-    The output is ``x * scale + shift`` with per-channel ``scale``/``shift``: two passes over
-    the feature map instead of four.
+    Statistics come from spatial means ``[N, 1, 1, C]``, then a mean over each group's channels
+    computed as a spatial mean too (the ``[N, 1, 1, C]`` vector laid out as ``[N, C/G, 1, G]``),
+    and broadcast back to the channels by a multiply. Every op is one XNNPACK delegates in TF 2.15
+    (which runs only spatial MEANs: a ``[N, H*W, G, C/G]`` view left 104 MEANs outside it), and
+    no op has weights, so dynamic-range quantization leaves the statistics in float (a constant
+    group-average conv was quantized there, and so were its inputs: small variances became 0).
+    The output is ``x * scale + shift`` with per-channel ``scale``/``shift``.
     """
 
     def __init__(self, groups: int, eps: float = 1e-5, relu: bool = True, **kwargs):
@@ -70,13 +72,16 @@ class GroupNorm(layers.Layer):
         channels = int(input_shape[-1])
         self.gamma = self.add_weight(name="gamma", shape=(channels,), initializer="ones")
         self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros")
-        size = channels // self.groups
-        average = np.kron(np.eye(self.groups), np.full((size, size), 1.0 / size))
-        self.group_average = average[None, None].astype(np.float32)  # 1x1 conv kernel, HWIO
 
     def _group_mean(self, x: tf.Tensor) -> tf.Tensor:
+        """``[N, H, W, C]`` -> the mean of each channel's group, ``[N, 1, 1, C]``."""
+        channels = x.shape[-1]
+        size = channels // self.groups
         spatial = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
-        return tf.nn.conv2d(spatial, tf.constant(self.group_average), 1, "VALID")
+        per_group = tf.transpose(tf.reshape(spatial, [-1, 1, self.groups, size]), [0, 3, 1, 2])
+        group = tf.reshape(tf.reduce_mean(per_group, axis=[1, 2], keepdims=True),
+                           [-1, 1, self.groups, 1])
+        return tf.reshape(group * tf.ones([1, 1, 1, size]), [-1, 1, 1, channels])
 
     def call(self, x: tf.Tensor) -> tf.Tensor:
         mean = self._group_mean(x)
