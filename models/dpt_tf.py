@@ -57,11 +57,12 @@ class GroupNorm(layers.Layer):
 
     Statistics come from spatial means ``[N, 1, 1, C]``, then a mean over each group's channels
     computed as a spatial mean too (the ``[N, 1, 1, C]`` vector laid out as ``[N, C/G, 1, G]``),
-    and broadcast back to the channels by a multiply. Every op is one XNNPACK delegates in TF 2.15
-    (which runs only spatial MEANs: a ``[N, H*W, G, C/G]`` view left 104 MEANs outside it), and
-    no op has weights, so dynamic-range quantization leaves the statistics in float (a constant
-    group-average conv was quantized there, and so were its inputs: small variances became 0).
-    The output is ``x * scale + shift`` with per-channel ``scale``/``shift``.
+    broadcast back to the channels by a multiply with a ``[1, 1, G, C/G]`` ones tensor (the GPU
+    delegate wants one MUL operand to cover the other in every dimension). Every op is one that
+    XNNPACK in TF 2.15 delegates (it runs only spatial MEANs: a ``[N, H*W, G, C/G]`` view left
+    104 MEANs outside it), and no op has weights, so dynamic-range quantization leaves the
+    statistics in float (a constant group-average conv was quantized there, and so were its
+    inputs: small variances became 0). The output is ``x * scale + shift`` per channel.
     """
 
     def __init__(self, groups: int, eps: float = 1e-5, relu: bool = True, **kwargs):
@@ -81,7 +82,7 @@ class GroupNorm(layers.Layer):
         per_group = tf.transpose(tf.reshape(spatial, [-1, 1, self.groups, size]), [0, 3, 1, 2])
         group = tf.reshape(tf.reduce_mean(per_group, axis=[1, 2], keepdims=True),
                            [-1, 1, self.groups, 1])
-        return tf.reshape(group * tf.ones([1, 1, 1, size]), [-1, 1, 1, channels])
+        return tf.reshape(group * tf.ones([1, 1, self.groups, size]), [-1, 1, 1, channels])
 
     def call(self, x: tf.Tensor) -> tf.Tensor:
         mean = self._group_mean(x)

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     rt = sub.add_parser(
         "runtime", help="latency and peak memory of every engine of an export",
         description="Time PyTorch eager, onnxruntime and every TFLite variant of the export that "
-                    "FILE belongs to (threads and XNNPACK on/off), interleaved on the same "
+                    "FILE belongs to (threads, XNNPACK on/off, TF 2.15 interpreter and LiteRT), "
+                    "interleaved on the same "
                     "input: warm-up, N runs, median, p90, min. Peak memory is measured per "
                     "engine in a fresh process. Writes a table, JSON and a PNG bar chart.")
     rt.add_argument("--tflite", required=True,
