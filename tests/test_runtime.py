@@ -129,3 +129,25 @@ def test_profile_counts_conv_dense_and_attention_work(tmp_path):
     assert macs["CONV_2D"] == 80 * 6 * 36
     assert macs["FULLY_CONNECTED"] == 80 * 5 * 6
     assert macs["BATCH_MATMUL"] == 2 * 40 * 40 * 5
+
+
+def test_peers_table_has_every_interpreter(nafnet_export, tmp_path, capsys):
+    """The whole bench-peers path, with a copy of our file standing in for onnx2tf's output
+    (a converted file newer than the ONNX is reused, so no onnx2tf run is needed)."""
+    import shutil
+
+    from validate import peers
+
+    out, _ = nafnet_export
+    stand_in = tmp_path / "peers" / "onnx2tf" / "nafnet_sim_float32.tflite"
+    stand_in.parent.mkdir(parents=True)
+    shutil.copy(out / "nafnet_fp32.tflite", stand_in)
+    doc = tmp_path / "d.md"
+    assert peers.main(["--export", str(out), "--peers", str(tmp_path / "peers"), "--runs", "1",
+                       "--threads", "1", "--doc", str(doc)]) == 0
+    result = json.loads((tmp_path / "peers" / "peers.json").read_text())
+    assert len(result["rows"]) == 1 + 2 * len(RUNTIMES)
+    for ratios in result["ratios"].values():
+        assert ratios["onnx2tf_vs_ours_max_abs_diff"] < 1e-5  # the same file twice
+    text = doc.read_text()
+    assert "<!-- bench:peers -->" in text and "LiteRT" in text and "TF 2.15" in text

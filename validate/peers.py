@@ -2,8 +2,9 @@
 
 onnx2tf pins TensorFlow 2.19, which cannot share an environment with onnx-tf's TF 2.15, so it
 runs from its own virtual environment (``.venv-peers``, made by the Makefile) as a subprocess.
-Its TFLite then runs on *our* interpreter, interleaved with ours and with PyTorch eager on the
-same input and thread count, so the ratios compare converters, not runtimes or moments.
+Its TFLite then runs on *our* interpreters (TF 2.15's and LiteRT), interleaved with ours and with
+PyTorch eager on the same input and thread count, so each ratio compares converters on one
+runtime, at one moment.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from export.io import UserError, read_json, write_json
+from export.tflite_stage import RUNTIMES, runtime_label
 
 ONNX2TF_VERSION = "1.29.24"
 PAUSE_S = 0.5  # idle gap before each timed call (see validate.runtime.time_interleaved)
@@ -47,7 +49,8 @@ def convert_with_onnx2tf(onnx_path: Path, out_dir: Path, venv: Path) -> Path:
     return tflite
 
 
-def _nhwc_runner(path: Path, threads: int, in_shape: list[int], out_shape: list[int]):
+def _nhwc_runner(path: Path, threads: int, in_shape: list[int], out_shape: list[int],
+                 runtime: str = "tensorflow"):
     """Our interpreter on any TFLite of the model, NHWC in and out whatever layout it uses.
 
     onnx2tf makes the input NHWC but may keep an NCHW output; a transpose outside the timed
@@ -56,7 +59,7 @@ def _nhwc_runner(path: Path, threads: int, in_shape: list[int], out_shape: list[
     from export.tflite_stage import make_interpreter
     from validate.runtime import tflite_engine
 
-    run = tflite_engine(path, threads)
+    run = tflite_engine(path, threads, runtime=runtime)
     probe = make_interpreter(path, 1, xnnpack=False)
     want_in = [int(d) for d in probe.get_input_details()[0]["shape"]]
     want_out = [int(d) for d in probe.get_output_details()[0]["shape"]]
@@ -78,32 +81,36 @@ def bench_peers(export: Path, peers: Path, venv: Path, threads: int, runs: int,
     shape = manifest["inputs"][0]["shape"]
     out_shape = manifest["outputs"][0]["shape"]
     theirs = convert_with_onnx2tf(export / "nafnet_sim.onnx", peers / "onnx2tf", venv)
-    ours = export / "nafnet_fp32.tflite"
-    engines = {"PyTorch eager": torch_engine(reference_model(manifest), threads),
-               "ours (nafnet_fp32.tflite)": _nhwc_runner(ours, threads, shape, out_shape),
-               f"onnx2tf {ONNX2TF_VERSION} ({theirs.name})": _nhwc_runner(
-                   theirs, threads, shape, out_shape)}
+    files = {"ours": export / "nafnet_fp32.tflite", f"onnx2tf {ONNX2TF_VERSION}": theirs}
     if baseline is not None:
-        engines[f"onnx-tf without rewrites ({baseline.name})"] = _nhwc_runner(
-            baseline, threads, shape, out_shape)
+        files["onnx-tf without rewrites"] = baseline
+    engines = {"PyTorch eager": torch_engine(reference_model(manifest), threads)}
+    for runtime in RUNTIMES:
+        for who, path in files.items():
+            engines[f"{who} ({path.name}), {runtime_label(runtime)}"] = _nhwc_runner(
+                path, threads, shape, out_shape, runtime)
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
     print(f"Timing {len(engines)} engines, {runs} interleaved rounds, {threads} threads ...")
     stats = time_interleaved(engines, x, runs=runs, progress=lambda s: print(f"  {s}"),
                              pause_s=PAUSE_S)
-    names = list(engines)
-    torch_s, ours_s, theirs_s = (stats[n] for n in names[:3])
+    torch_s = stats["PyTorch eager"]
     rows = []
-    for name in names:
-        s = stats[name]
+    for name, s in stats.items():
         rows.append({"engine": name, "median_s": s["median_s"], "p90_s": s["p90_s"],
                      "min_s": s["min_s"],
                      "vs_torch": s["median_s"] / torch_s["median_s"],
                      "max_abs_diff_vs_torch": float(np.abs(s["output"] - torch_s["output"]).max())})
-    return {"shape": shape, "threads": threads, "runs": runs, "machine": machine(),
-            "rows": rows, "ours_vs_onnx2tf": ours_s["median_s"] / theirs_s["median_s"],
+    ratios = {}
+    for runtime in RUNTIMES:
+        ours_s, theirs_s = (stats[f"{who} ({path.name}), {runtime_label(runtime)}"]
+                            for who, path in list(files.items())[:2])
+        ratios[runtime_label(runtime)] = {
+            "ours_vs_onnx2tf": ours_s["median_s"] / theirs_s["median_s"],
             "ours_vs_torch": ours_s["median_s"] / torch_s["median_s"],
             "onnx2tf_vs_ours_max_abs_diff": float(np.abs(theirs_s["output"]
                                                          - ours_s["output"]).max())}
+    return {"shape": shape, "threads": threads, "runs": runs, "machine": machine(),
+            "rows": rows, "ratios": ratios}
 
 
 def format_peers(result: dict, command: str) -> str:
@@ -112,18 +119,20 @@ def format_peers(result: dict, command: str) -> str:
     lines = [f"## NAFNet {h}x{w}, fp32, {result['threads']} threads: peer converters", "",
              f"Command: `{command}`. Machine: {m['cpu']}, {m['cores']} cores, load average "
              f"{m['load_avg_1m']:.1f} at the end. Median of {result['runs']} interleaved runs "
-             "after one warm-up, all "
-             f"TFLite files on the same interpreter (TF 2.15, XNNPACK), {PAUSE_S} s idle before "
-             "each timed call.", "",
+             "after one warm-up, every TFLite file on each interpreter (XNNPACK on), "
+             f"{PAUSE_S} s idle before each timed call.", "",
              "| engine | median s | p90 s | min s | time vs PyTorch | max abs diff vs PyTorch |",
              "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         diff = "-" if r["engine"] == "PyTorch eager" else f"{r['max_abs_diff_vs_torch']:.1e}"
         lines.append(f"| {r['engine']} | {r['median_s']:.3f} | {r['p90_s']:.3f} | "
                      f"{r['min_s']:.3f} | {r['vs_torch']:.2f}x | {diff} |")
-    lines += ["", f"Ours / onnx2tf: **{result['ours_vs_onnx2tf']:.2f}x** (target <= 0.8x). "
-              f"Ours / PyTorch eager: **{result['ours_vs_torch']:.2f}x** (target <= 0.3x). "
-              f"onnx2tf vs ours: max abs diff {result['onnx2tf_vs_ours_max_abs_diff']:.1e}."]
+    lines.append("")
+    for name, r in result["ratios"].items():
+        lines.append(f"- {name}: ours / onnx2tf **{r['ours_vs_onnx2tf']:.2f}x** (target <= "
+                     f"0.8x), ours / PyTorch eager **{r['ours_vs_torch']:.2f}x** (target <= "
+                     f"0.3x); onnx2tf vs ours: max abs diff "
+                     f"{r['onnx2tf_vs_ours_max_abs_diff']:.1e}.")
     return "\n".join(lines)
 
 
