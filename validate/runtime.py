@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.tflite_stage import RUNTIMES, runtime_label
+from export.tflite_stage import RUNTIMES, make_interpreter, runtime_label
 
 Runner = Callable[[np.ndarray], np.ndarray]  # NHWC in, NHWC out
 
@@ -55,8 +55,6 @@ def onnx_engine(path, threads: int) -> Runner:
 
 
 def tflite_engine(path, threads: int, xnnpack: bool = True, runtime: str = "tensorflow") -> Runner:
-    from export.tflite_stage import make_interpreter
-
     interpreter = make_interpreter(path, threads, xnnpack, runtime)
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
 
