@@ -53,6 +53,12 @@ def test_tflite_render_with_compare(fused_export, photo_dir, tmp_path, capsys):
     width, height = _size(dest / "chelsea_compare.png")
     assert height > 120 and width > 3 * 451 * 120 / 300  # three panels, caption strip on top
     assert (dest / "thin_compare.png").is_file()
+    # The other interpreter renders the same picture (8-bit PNGs, up to one level apart)
+    again = tmp_path / "again"
+    assert main([str(photo_dir / "chelsea.png"), "--tflite", str(out / "bokeh_fp32.tflite"),
+                 "--runtime", "tensorflow", "--out", str(again)]) == 0
+    a, b = (np.asarray(Image.open(d / "chelsea_bokeh.png"), np.int16) for d in (dest, again))
+    assert np.abs(a - b).max() <= 1
 
 
 def test_refuses_nafnet_alone_and_corrupt_tflite(fused_export, photo_dir, tmp_path, capsys):

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from export.io import IMAGE_SUFFIXES, UserError, ensure_writable_dir, list_images, load_rgb
+from export.tflite_stage import RUNTIMES
 from tools.images import colorize, labelled_row, letterbox, save_png, unletterbox
 
 DEFAULT_TFLITE = "build/export/bokeh_fp32.tflite"
@@ -29,7 +30,7 @@ RenderFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 class TFLiteRenderer:
     """The fused phone model (photo in; bokeh and mask out) through the TFLite interpreter."""
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, runtime: str = "litert"):
         from export.tflite_stage import make_interpreter
         from tools.inspect import dynamic_dims, open_tflite
 
@@ -48,7 +49,7 @@ class TFLiteRenderer:
         if dynamic:
             raise UserError(f"{path}: has a dynamic shape ({'; '.join(dynamic)}); render needs "
                             "the static size of an exported phone model")
-        self.interpreter = make_interpreter(path, threads)
+        self.interpreter = make_interpreter(path, threads, runtime=runtime)
         self.input = self.interpreter.get_input_details()[0]
         self.outputs = {d["name"]: d["index"] for d in self.interpreter.get_output_details()}
         self.size = tuple(int(d) for d in self.input["shape"][1:3])
@@ -182,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--panel-height", type=int, default=480,
                    help="height of each panel in the compare PNG (default %(default)s)")
     p.add_argument("--threads", type=int, help="TFLite threads (default: all cores)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="litert",
+                   help="TFLite interpreter: litert (faster, newer XNNPACK) or tensorflow "
+                        "(TF 2.15's own); the outputs agree (default %(default)s)")
     return p
 
 
@@ -204,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.tflite and not Path(DEFAULT_TFLITE).is_file():
                 raise UserError(f"{DEFAULT_TFLITE}: no such TFLite file; run `make export` "
                                 "or give --tflite / --checkpoint")
-            renderer = TFLiteRenderer(args.tflite or DEFAULT_TFLITE, args.threads)
+            renderer = TFLiteRenderer(args.tflite or DEFAULT_TFLITE, args.threads, args.runtime)
         out = ensure_writable_dir(args.out)
     except (UserError, CheckpointError) as exc:
         print(f"render: error: {exc}", file=sys.stderr)
