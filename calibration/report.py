@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc", default="docs/benchmarks.md", help="markdown file to update")
     args = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from validate.bench import update_section
+    from validate.bench import publish_section
 
     export_dir = Path(args.export_dir)
     try:
@@ -296,9 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     section = markdown(result, command.strip())
     write_json(export_dir / "quant_report.json", {k: v for k, v in result.items()
                                                   if k != "manifest"})
-    print(section)
-    update_section(Path(args.doc), "quant", section)
-    print(f"Updated {args.doc}")
+    publish_section(args.doc, "quant", section)
     return 0
 
 

@@ -144,11 +144,6 @@ class TFLiteInfo:
     gpu_compatible: bool | None = None
     gpu_messages: list[str] = field(default_factory=list)
 
-    @property
-    def delegate_ready(self) -> bool:
-        """Builtin ops only, rank <= 4, and TensorFlow's GPU analyzer raised nothing."""
-        return not self.flex_ops and self.max_rank <= 4 and bool(self.gpu_compatible)
-
 
 def _tensor_entry(detail: dict) -> dict:
     return {"name": detail["name"], "shape": [int(d) for d in detail["shape"]],

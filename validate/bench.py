@@ -43,6 +43,13 @@ def update_section(doc: Path, key: str, body: str) -> None:
     write_bytes(doc, text.encode())
 
 
+def publish_section(doc: str | Path, key: str, body: str) -> None:
+    """Print a benchmark section and write it into its marked place in ``doc``."""
+    print(body)
+    update_section(Path(doc), key, body)
+    print(f"Updated {doc} (section {key})")
+
+
 def ensure_export(out: Path, height: int, width: int) -> dict:
     """The fused export's fp32 manifest at this size, exporting first when there is none."""
     from export.pipeline import export
@@ -95,8 +102,9 @@ def bench_nafnet(out: Path, manifest: dict, threads: int, runs: int, command: st
     engines = {
         "PyTorch eager": torch_engine(reference_model(manifest), threads),
         "onnxruntime (nafnet_mobile.onnx)": onnx_engine(out / "nafnet_mobile.onnx", threads),
-        **tflite_engines(out, "nafnet", ("fp32",), threads),
     }
+    for same_file in tflite_engines(out, "nafnet", ("fp32",), threads).values():
+        engines.update(same_file)
     x = np.random.default_rng(0).random((1, height, width, 4), dtype=np.float32)
     print(f"NAFNet: {len(engines)} engines, {runs} interleaved rounds, {threads} threads ...")
     stats = time_interleaved(engines, x, runs=runs, progress=lambda s: print(f"  {s}"))
@@ -106,17 +114,17 @@ def bench_nafnet(out: Path, manifest: dict, threads: int, runs: int, command: st
 
 
 def tflite_engines(out: Path, model: str, variants: tuple[str, ...],
-                   threads: int) -> dict[str, Runner]:
-    """Each variant's file in each TFLite interpreter, XNNPACK on (variants not exported are
-    left out)."""
-    engines = {}
+                   threads: int) -> dict[str, dict[str, Runner]]:
+    """Per exported variant's file name: that file in each TFLite interpreter, XNNPACK on
+    (variants not exported are left out)."""
+    by_file = {}
     for variant in variants:
         path = out / f"{model}_{variant}.tflite"
         if path.is_file():
-            for runtime in RUNTIMES:
-                engines[f"TFLite {variant} + XNNPACK, {runtime_label(runtime)} ({path.name})"] = (
-                    tflite_engine(path, threads, runtime=runtime))
-    return engines
+            by_file[path.name] = {
+                f"TFLite {variant} + XNNPACK, {runtime_label(runtime)} ({path.name})":
+                    tflite_engine(path, threads, runtime=runtime) for runtime in RUNTIMES}
+    return by_file
 
 
 class _BokehOnly(torch.nn.Module):
@@ -137,14 +145,16 @@ def bench_fused(out: Path, manifest: dict, threads: int, runs: int, command: str
     height, width = manifest["height"], manifest["width"]
     engines = {"PyTorch reference pipeline (DPT + NAFNet)": torch_engine(
         _BokehOnly(reference_pipeline(manifest)), threads)}
-    engines.update(tflite_engines(out, "bokeh", ("fp32", "fp16"), threads))
+    by_file = tflite_engines(out, "bokeh", ("fp32", "fp16"), threads)
+    for same_file in by_file.values():
+        engines.update(same_file)
     x = np.random.default_rng(0).random((1, height, width, 3), dtype=np.float32)
     print(f"Fused: {len(engines)} engines, {runs} interleaved rounds, {threads} threads ...")
     stats = time_interleaved(engines, x, runs=runs, progress=lambda s: print(f"  {s}"))
     lines = [*_header(f"Fused photo -> bokeh model {height}x{width}, {threads} threads",
                       command, manifest, runs),
              *_timing_table(stats, next(iter(engines)), diffs=False),
-             "", _interpreters_agree(stats)]
+             "", _interpreters_agree(stats, [list(f) for f in by_file.values()])]
     if photos is not None:
         names = ", ".join(p.stem for p in sorted(photos.iterdir()))
         lines += ["", f"Parity on real photos ({names}; scikit-image), TFLite vs the PyTorch "
@@ -169,14 +179,10 @@ def bench_fused(out: Path, manifest: dict, threads: int, runs: int, command: str
     return "\n".join(lines)
 
 
-def _interpreters_agree(stats: dict[str, dict]) -> str:
+def _interpreters_agree(stats: dict[str, dict], same_file: list[list[str]]) -> str:
     """One line: the largest difference between the interpreters on the same file and input."""
-    by_file: dict[str, list[np.ndarray]] = {}
-    for name, s in stats.items():
-        if name.startswith("TFLite"):
-            by_file.setdefault(name.rsplit("(", 1)[-1], []).append(s["output"])
-    diffs = [float(np.abs(outs[0] - other).max())
-             for outs in by_file.values() for other in outs[1:]]
+    diffs = [float(np.abs(stats[labels[0]]["output"] - stats[other]["output"]).max())
+             for labels in same_file for other in labels[1:]]
     if not diffs:
         return "Only one TFLite interpreter was timed."
     return (f"The interpreters on the same file and input (first output): max abs diff "
@@ -222,9 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 2
     for key, section in sections.items():
-        print(section)
-        update_section(Path(args.doc), key, section)
-    print(f"Updated {args.doc}")
+        publish_section(args.doc, key, section)
     return 0
 
 

@@ -89,34 +89,25 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
     return values
 
 
-def _xnnpack_modes(text: str) -> tuple[bool, ...]:
+def _choices(text: str, flag: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-separated list of ``allowed`` names, in order, without repeats."""
     from export.io import UserError
 
     names = [v.strip() for v in text.split(",") if v.strip()]
-    if not names or any(n not in ("on", "off") for n in names):
-        raise UserError(f"--xnnpack takes on, off or on,off, got {text!r}")
-    return tuple(n == "on" for n in dict.fromkeys(names))
-
-
-def _runtimes(text: str) -> tuple[str, ...]:
-    from export.io import UserError
-    from export.tflite_stage import RUNTIMES
-
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    if not names or any(n not in RUNTIMES for n in names):
-        raise UserError(f"--runtime takes {' or '.join(RUNTIMES)} (comma-separated), "
-                        f"got {text!r}")
+    if not names or any(n not in allowed for n in names):
+        raise UserError(f"--{flag} takes {' or '.join(allowed)} (comma-separated), got {text!r}")
     return tuple(dict.fromkeys(names))
 
 
 def runtime_main(args: argparse.Namespace) -> int:
     from export.io import UserError, ensure_writable_dir, write_json
+    from export.tflite_stage import RUNTIMES
     from validate.runtime import format_runtime_table, plot_runtime, run_runtime
 
     try:
         threads = _int_list(args.threads, "threads")
-        modes = _xnnpack_modes(args.xnnpack)
-        runtimes = _runtimes(args.runtime)
+        modes = tuple(n == "on" for n in _choices(args.xnnpack, "xnnpack", ("on", "off")))
+        runtimes = _choices(args.runtime, "runtime", RUNTIMES)
         if args.runs < 1 or args.warmup < 0:
             raise UserError("--runs must be >= 1 and --warmup >= 0")
         folder = Path(args.tflite).resolve().parent

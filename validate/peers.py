@@ -84,11 +84,11 @@ def bench_peers(export: Path, peers: Path, venv: Path, threads: int, runs: int,
     files = {"ours": export / "nafnet_fp32.tflite", f"onnx2tf {ONNX2TF_VERSION}": theirs}
     if baseline is not None:
         files["onnx-tf without rewrites"] = baseline
+    labels = {(who, runtime): f"{who} ({path.name}), {runtime_label(runtime)}"
+              for runtime in RUNTIMES for who, path in files.items()}
     engines = {"PyTorch eager": torch_engine(reference_model(manifest), threads)}
-    for runtime in RUNTIMES:
-        for who, path in files.items():
-            engines[f"{who} ({path.name}), {runtime_label(runtime)}"] = _nhwc_runner(
-                path, threads, shape, out_shape, runtime)
+    for (who, runtime), label in labels.items():
+        engines[label] = _nhwc_runner(files[who], threads, shape, out_shape, runtime)
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
     print(f"Timing {len(engines)} engines, {runs} interleaved rounds, {threads} threads ...")
     stats = time_interleaved(engines, x, runs=runs, progress=lambda s: print(f"  {s}"),
@@ -101,9 +101,9 @@ def bench_peers(export: Path, peers: Path, venv: Path, threads: int, runs: int,
                      "vs_torch": s["median_s"] / torch_s["median_s"],
                      "max_abs_diff_vs_torch": float(np.abs(s["output"] - torch_s["output"]).max())})
     ratios = {}
+    ours_key, theirs_key = list(files)[:2]
     for runtime in RUNTIMES:
-        ours_s, theirs_s = (stats[f"{who} ({path.name}), {runtime_label(runtime)}"]
-                            for who, path in list(files.items())[:2])
+        ours_s, theirs_s = stats[labels[ours_key, runtime]], stats[labels[theirs_key, runtime]]
         ratios[runtime_label(runtime)] = {
             "ours_vs_onnx2tf": ours_s["median_s"] / theirs_s["median_s"],
             "ours_vs_torch": ours_s["median_s"] / torch_s["median_s"],
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--doc", default="docs/benchmarks.md", help="markdown to update")
     args = p.parse_args(argv)
-    from validate.bench import update_section
+    from validate.bench import publish_section
 
     try:
         export = Path(args.export)
@@ -164,10 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(Path(args.peers) / "peers.json", result)
     argv = sys.argv[1:] if argv is None else argv
     command = f"python -m validate.peers {' '.join(argv)}" if argv else "make bench-peers"
-    section = format_peers(result, command)
-    print(section)
-    update_section(Path(args.doc), "peers", section)
-    print(f"Updated {args.doc}")
+    publish_section(args.doc, "peers", format_peers(result, command))
     return 0
 
 
