@@ -2,7 +2,7 @@
 
 Post-training quantization picks each activation's range from what the model sees during
 calibration, so the samples must look like real input: RGB float32 ``[1, H, W, 3]`` in [0, 1],
-fitted to the static size the way `validate parity` fits photos (``export.io.fit_to_size``).
+fitted to the static size the way `validate parity` fits photos (``common.images.fit_to_size``).
 The order is deterministic (sorted files, seeded crops), so two exports calibrate identically.
 
 Sources: an image folder (``CALIB_DIR``, e.g. EBB! originals), else an embedded set of
@@ -19,7 +19,8 @@ from functools import partial
 import numpy as np
 from PIL import Image
 
-from export.io import UserError, fit_to_size, list_images, load_rgb
+from common.errors import UserError
+from common.images import fit_to_size, list_images, load_rgb
 
 DEFAULT_SAMPLES = 32
 # scikit-image photos that load offline (0.26), split once so calibration never sees held-out

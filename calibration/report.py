@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.io import UserError, read_json, write_bytes, write_json
+from common.errors import UserError
+from common.files import read_json, write_bytes, write_json
 
 VARIANT_ORDER = ("fp32", "fp16", "drq", "int8", "int16x8", "int8-selective")
 LAYERNORM_STATS = ("MEAN", "SQUARED_DIFFERENCE", "RSQRT")

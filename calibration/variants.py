@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.files import write_bytes
 from export import tflite_stage
-from export.io import write_bytes
 from export.tf_stages import quiet_tensorflow
 
 CALIBRATED = "bokeh_calibrated.tflite"
@@ -130,7 +130,7 @@ def add_quant_variants(export_dir: str | Path, variants: tuple[str, ...], calib_
     """Quantize an existing fused export again (new calibration folder or sample count)
     without rerunning the earlier stages; returns the updated report."""
     from calibration.dataset import calibration_set
-    from export.io import read_json, write_bytes, write_json
+    from common.files import read_json, write_bytes, write_json
     from export.pipeline import StageLog, _write_quant_variants, summary_text
 
     out = Path(export_dir)

@@ -6,8 +6,7 @@ import argparse
 import os
 import sys
 
-from export.io import UserError
-from models.nafnet import CheckpointError
+from common.errors import CheckpointError, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:

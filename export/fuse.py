@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from export.io import atomic_path
+from common.files import atomic_path
 from export.tf_stages import nchw_to_nhwc_function, quiet_tensorflow
 from models.pipeline import MASK_EPS
 

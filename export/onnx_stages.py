@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import torch
 
-from export.io import atomic_path
+from common.files import atomic_path
 from export.rewrites import PASSES
 
 # Opset 12 keeps Split's sizes an attribute: from 13 on they are an int64 input that onnx-tf turns

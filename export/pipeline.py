@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
+from common.errors import UserError
+from common.files import ensure_writable_dir, read_json, write_bytes, write_json
 from export import onnx_stages, tf_stages, tflite_stage
-from export.io import UserError, ensure_writable_dir, read_json, write_bytes, write_json
 from models.nafnet import PAPER_CONFIG, load_nafnet, random_nafnet
 
 MANIFEST_FORMAT = "bokehlite-manifest/1"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.io import atomic_path
+from common.files import atomic_path
 
 
 def quiet_tensorflow():

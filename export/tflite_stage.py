@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.io import atomic_path
+from common.files import atomic_path
 from export.tf_stages import quiet_tensorflow
 
 VARIANTS = ("fp32", "fp16", "drq", "int8", "int16x8")

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.nafnet import CheckpointError, read_checkpoint
+from common.errors import CheckpointError
+from models.checkpoint import read_checkpoint
 
 HYBRID_STEM_KEY = "pretrained.model.patch_embed.backbone.stem.conv.weight"
 LARGE_PATCH_KEY = "pretrained.model.patch_embed.proj.weight"

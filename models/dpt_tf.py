@@ -28,8 +28,8 @@ import numpy as np
 import tensorflow as tf
 import torch
 
+from common.errors import CheckpointError
 from models.dpt import DPT, DPTConfig, check_input_size, resize_pos_embed, standardize_weight
-from models.nafnet import CheckpointError
 
 layers = tf.keras.layers
 

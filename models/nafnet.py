@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.errors import CheckpointError
+from models.checkpoint import read_checkpoint
+
 PAPER_CONFIG: dict = dict(
     in_channels=4, out_channels=3, width=8, enc_blocks=(2, 2, 2, 20), middle_blocks=2,
     dec_blocks=(2, 2, 2, 2),
@@ -158,48 +161,6 @@ def random_nafnet(config: Mapping | None = None, seed: int = 0) -> NAFNet:
     torch.manual_seed(seed)
     model = NAFNet(**dict(config or PAPER_CONFIG))
     return randomize_residual_scales(model, seed).eval()
-
-
-_WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model", "generator", "net_g")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read or does not fit the model."""
-
-
-def extract_state_dict(obj: object) -> dict[str, torch.Tensor]:
-    """Unwrap the usual checkpoint containers and strip a DataParallel ``module.`` prefix."""
-    while isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        key = next((k for k in _WRAPPER_KEYS if k in obj), None)
-        if key is None:
-            raise CheckpointError(
-                f"no state dict found (top-level keys: {sorted(map(str, obj))[:8]}); expected "
-                f"a raw state dict or one under {', '.join(_WRAPPER_KEYS)}"
-            )
-        obj = obj[key]
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"expected a state dict, found {type(obj).__name__}")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-def read_checkpoint(path: str | Path, expected: str = "a NAFNet checkpoint") -> tuple[object, dict]:
-    """``torch.load`` (weights only) and unwrap: the raw object and its flat state dict.
-
-    Every failure is one ``CheckpointError`` line naming the file and what was ``expected``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a corrupt or foreign file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint; expected {expected} ({reason})") from None
-    try:
-        return raw, extract_state_dict(raw)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
 
 
 def load_nafnet(path: str | Path, config: Mapping | None = None) -> NAFNet:

@@ -14,7 +14,7 @@ from calibration.dataset import (
     held_out_images,
     representative_dataset,
 )
-from export.io import UserError
+from common.errors import UserError
 
 
 def test_embedded_samples_are_deterministic_photo_inputs():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from common.errors import CheckpointError
 from models.dpt import (
     DPT,
     HYBRID_CONFIG,
@@ -14,7 +15,7 @@ from models.dpt import (
     resize_pos_embed,
     tiny_dpt_config,
 )
-from models.nafnet import CheckpointError, random_nafnet
+from models.nafnet import random_nafnet
 
 
 def _meta_state(config):

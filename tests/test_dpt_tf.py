@@ -12,6 +12,7 @@ import torch
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 tf = pytest.importorskip("tensorflow")
 
+from common.errors import CheckpointError  # noqa: E402
 from models.dpt import HYBRID_CONFIG, dpt_input_size, random_dpt, tiny_dpt_config  # noqa: E402
 from models.dpt_tf import (  # noqa: E402
     build_keras_dpt,
@@ -19,7 +20,6 @@ from models.dpt_tf import (  # noqa: E402
     keras_dpt_from_torch,
     port_weights,
 )
-from models.nafnet import CheckpointError  # noqa: E402
 
 H, W = 64, 96  # non-square: the position embedding is resized from 3x3 to 4x6 tokens
 TOLERANCE = 1e-4  # of the output's range

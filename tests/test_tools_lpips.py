@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.io import UserError
+from common.errors import UserError
 from validate.lpips import LPIPS, alexnet_features, load_lpips
 
 

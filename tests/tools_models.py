@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from export.io import write_json
+from common.files import write_json
 
 
 def _convert(fn, dest: Path, flex: bool = False) -> Path:

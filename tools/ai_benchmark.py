@@ -17,7 +17,8 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from export.io import UserError, ensure_writable_dir, read_json, write_bytes, write_json
+from common.errors import UserError
+from common.files import ensure_writable_dir, read_json, write_bytes, write_json
 from tools.inspect import dynamic_dims, gpu_verdict, human_bytes, inspect
 
 BUNDLE_FORMAT = "bokehlite-ai-benchmark/1"

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from export.io import atomic_path
+from common.files import atomic_path
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from export.io import UserError
+from common.errors import UserError
 
 
 def open_tflite(path: str | Path):

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from export.io import IMAGE_SUFFIXES, UserError, ensure_writable_dir, list_images, load_rgb
+from common.errors import UserError
+from common.files import ensure_writable_dir
+from common.images import IMAGE_SUFFIXES, list_images, load_rgb
 from export.tflite_stage import RUNTIMES
 from tools.images import colorize, labelled_row, letterbox, save_png, unletterbox
 
@@ -68,7 +70,7 @@ def _manifest_warnings(path: Path) -> list[str]:
     manifest = path.with_suffix(".manifest.json")
     if not manifest.is_file():
         return []
-    from export.io import read_json
+    from common.files import read_json
 
     return list(read_json(manifest).get("warnings", []))
 
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from tqdm import tqdm
 
-    from models.nafnet import CheckpointError
+    from common.errors import CheckpointError
 
     try:
         photos = collect_photos(args.photos)

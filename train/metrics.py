@@ -33,7 +33,7 @@ def load_lpips(lpips_weights: Path, alexnet_weights: Path) -> LPIPS:
 
     One implementation serves training and ``validate quality``: ``validate/lpips.py``.
     """
-    from export.io import UserError
+    from common.errors import UserError
     from validate.lpips import load_lpips as load_from_files
 
     try:

@@ -34,8 +34,9 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
+from common.errors import CheckpointError
 from models.discriminator import NLayerDiscriminator, dual_scale_critics
-from models.nafnet import PAPER_CONFIG, CheckpointError, NAFNet
+from models.nafnet import PAPER_CONFIG, NAFNet
 from train.data import (
     EBB_VAL294,
     DataError,

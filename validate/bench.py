@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.io import UserError, read_json, write_bytes
+from common.errors import UserError
+from common.files import read_json, write_bytes
 from export.tflite_stage import RUNTIMES, runtime_label
 from validate.runtime import Runner, onnx_engine, tflite_engine, time_interleaved, torch_engine
 

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _int_list(text: str, what: str) -> tuple[int, ...]:
-    from export.io import UserError
+    from common.errors import UserError
 
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -91,7 +91,7 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 
 def _choices(text: str, flag: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
     """A comma-separated list of ``allowed`` names, in order, without repeats."""
-    from export.io import UserError
+    from common.errors import UserError
 
     names = [v.strip() for v in text.split(",") if v.strip()]
     if not names or any(n not in allowed for n in names):
@@ -100,7 +100,8 @@ def _choices(text: str, flag: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def runtime_main(args: argparse.Namespace) -> int:
-    from export.io import UserError, ensure_writable_dir, write_json
+    from common.errors import UserError
+    from common.files import ensure_writable_dir, write_json
     from export.tflite_stage import RUNTIMES
     from validate.runtime import format_runtime_table, plot_runtime, run_runtime
 
@@ -135,14 +136,14 @@ def main(argv: list[str] | None = None) -> int:
         return quality_main(args)
     if args.command == "runtime":
         return runtime_main(args)
-    from export.io import UserError, write_json
+    from common.errors import CheckpointError, UserError
+    from common.files import write_json
     from export.pipeline import record_parity
-    from models.nafnet import CheckpointError
     from validate.parity import format_table, read_manifest, run_parity
 
     try:
         if args.json:
-            from export.io import ensure_writable_dir
+            from common.files import ensure_writable_dir
 
             ensure_writable_dir(Path(args.json).resolve().parent)
         print(f"Parity of {args.tflite} against PyTorch:")
@@ -161,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def quality_main(args: argparse.Namespace) -> int:
-    from export.io import UserError, ensure_writable_dir, write_json
-    from models.nafnet import CheckpointError
+    from common.errors import CheckpointError, UserError
+    from common.files import ensure_writable_dir, write_json
     from validate.quality import evaluate, format_table
 
     try:

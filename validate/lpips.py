@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.io import UserError
+from common.errors import UserError
 
 TAPS = (1, 4, 7, 9, 11)  # ReLU outputs of AlexNet's five convolutions (torchvision indices)
 CHANNELS = (64, 192, 384, 256, 256)
@@ -98,7 +98,7 @@ def lpips_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def load_lpips(paths: Sequence[str | Path]) -> LPIPS:
     """An LPIPS module from local files; every failure is a ``UserError`` naming the files."""
-    from models.nafnet import extract_state_dict
+    from models.checkpoint import extract_state_dict
 
     state: dict[str, torch.Tensor] = {}
     for path in map(Path, paths):

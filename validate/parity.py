@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.io import UserError, fit_to_size, list_images, load_rgb, read_json
+from common.errors import UserError
+from common.files import read_json
+from common.images import fit_to_size, list_images, load_rgb
 from models.nafnet import load_nafnet, random_nafnet
 from models.pipeline import BokehPipeline
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from export.io import UserError, read_json, write_json
+from common.errors import UserError
+from common.files import read_json, write_json
 
 
 def build_prefix(sim_onnx: Path, k: int, folder: Path, input_shape_nhwc: tuple[int, ...]

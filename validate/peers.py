@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.io import UserError, read_json, write_json
+from common.errors import UserError
+from common.files import read_json, write_json
 from export.tflite_stage import RUNTIMES, runtime_label
 
 ONNX2TF_VERSION = "1.29.24"

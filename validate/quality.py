@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.io import IMAGE_SUFFIXES, UserError, load_rgb
+from common.errors import UserError
+from common.images import IMAGE_SUFFIXES, load_rgb
 from tools.images import resize
 
 LPIPS_UNAVAILABLE = "LPIPS: unavailable (no --lpips-weights)"

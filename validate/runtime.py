@@ -203,7 +203,7 @@ def _torch_reference(manifest: dict, threads: int) -> Runner:
                                                                                        2))))
             return bokeh.numpy().transpose(0, 2, 3, 1)
     else:
-        from export.io import UserError
+        from common.errors import UserError
 
         raise UserError(f"no PyTorch reference for model kind {manifest['model']!r}")
 
