@@ -15,8 +15,8 @@ import io
 import math
 from dataclasses import dataclass
 
-from calibration.variants import _quiet, quantize_calibrated
-from export.tf_stages import quiet_tensorflow
+from common.quiet import quiet_native, quiet_tensorflow
+from export.quantize import quantize_calibrated
 
 ROUNDING_ONLY = 1 / math.sqrt(12)  # rmse/scale of a layer whose only error is int8 rounding
 
@@ -33,7 +33,7 @@ def layer_errors(calibrated: bytes, debug_dataset) -> list[LayerError]:
     """Every verified tensor, worst first by rmse/scale (the debugger's layer statistics)."""
     tf = quiet_tensorflow()
     debug_model = quantize_calibrated(calibrated, numeric_verify=True)
-    with _quiet():
+    with quiet_native():
         dbg = tf.lite.experimental.QuantizationDebugger(
             quant_debug_model_content=debug_model, debug_dataset=debug_dataset)
         dbg.run()

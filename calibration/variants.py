@@ -1,138 +1,22 @@
-"""Quantized TFLite variants of the fused model: convert, then prove the file runs.
+"""Quantize an existing fused export again, on new calibration data, without its earlier stages.
 
-Calibration (running the float model over the representative set with every tensor's range
-recorded, on reference kernels) is by far the slowest step, about 15 s per 256x384 sample on 2
-busy cores. It runs once: ``bokeh_calibrated.tflite`` keeps the ranges, and full int8, the
-debugger's instrumented model and every selective configuration are quantized from it by the
-same MLIR quantizer the converter itself calls (``convert.mlir_quantize``; the converter's
-public API offers no way to reuse a calibration).
-
-The converter can accept a model the TFLite runtime then refuses (int16x8 converts SQUARED_
-DIFFERENCE, whose kernel has no int16 path), so every variant runs one calibration sample before
-it counts as written. What did not work is reported, not hidden.
+The conversion itself is an export stage (export/quantize.py); this module brings the data.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import os
-import re
-import sys
-import tempfile
-from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
-from common.files import write_bytes
-from export import tflite_stage
-from export.tf_stages import quiet_tensorflow
-
-CALIBRATED = "bokeh_calibrated.tflite"
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence the quantizer's C++ chatter, which goes to both fd 1 and fd 2."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 1)
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            ctypes.CDLL(None).fflush(None)  # C++ streams buffer: empty them into the sink
-            for fd, copy in zip((1, 2), saved, strict=True):
-                os.dup2(copy, fd)
-                os.close(copy)
-
-
-class QuantizationUnsupported(Exception):
-    """The converter or the TFLite runtime cannot do this variant for this graph."""
-
-
-def _reason(exc: Exception, limit: int = 300) -> str:
-    """The informative tail of a converter or interpreter message (they repeat themselves)."""
-    text = " ".join(str(exc).split())
-    last = re.split(r"(?<=failure\.)|(?<=delegate)", text)[-1].strip() or text
-    return last[:limit]
-
-
-def quantize_variant(frozen_pb: Path, io_spec: dict, dest: Path, variant: str,
-                     calibration) -> tuple[Path, list[str]]:
-    """Write ``dest`` (builtin ops only) and run it once; raise QuantizationUnsupported."""
-    dataset = calibration.dataset if variant in tflite_stage.CALIBRATED_VARIANTS else None
-    try:
-        if variant == "int8":
-            calibrated = calibrate(frozen_pb, io_spec, dataset, dest.with_name(CALIBRATED))
-            path, notes = write_bytes(dest, quantize_calibrated(calibrated.read_bytes())), [
-                f"calibrated once into {CALIBRATED}, quantized by the MLIR quantizer; ops "
-                "without an int8 kernel stay float (float_ops)"]
-        else:
-            path, notes = tflite_stage.convert(frozen_pb, io_spec, dest, variant, dataset)
-    except tflite_stage.FlexOpsRequired as exc:
-        exc.flex_path.unlink(missing_ok=True)
-        raise QuantizationUnsupported(
-            f"not supported by the converter: needs Flex ops {', '.join(exc.flex_ops)}") from None
-    except Exception as exc:  # ConverterError: the op it cannot quantize
-        raise QuantizationUnsupported(f"not supported by the converter: {_reason(exc)}") from None
-    try:
-        tflite_stage.run_tflite(path, [calibration.first_sample], threads=1)
-    except (RuntimeError, ValueError) as exc:
-        path.unlink(missing_ok=True)
-        raise QuantizationUnsupported(
-            f"converted, but the TFLite runtime cannot run it: {_reason(exc)}") from None
-    if any(n.startswith("ops set") for n in notes):
-        notes.append("float kernels allowed for the ops without a quantized kernel")
-    return path, notes
-
-
-def calibrate(frozen_pb: Path, io_spec: dict, dataset, dest: Path) -> Path:
-    """The float model with each tensor's calibrated range recorded (the slow step)."""
-    converter = tflite_stage._converter(Path(frozen_pb), io_spec, "int8", dataset)
-    converter._experimental_calibrate_only = True  # stop after calibration, before quantizing
-    with _quiet():
-        return write_bytes(dest, converter.convert())
-
-
-def quantize_calibrated(calibrated: bytes, denylisted_nodes=(), denylisted_ops=(),
-                        numeric_verify: bool = False) -> bytes:
-    """int8 weights and activations, float input and output; named nodes / op kinds stay float.
-    ``numeric_verify`` adds the debugger's NumericVerify ops."""
-    from tensorflow.lite.python import convert as tfl_convert
-
-    with _quiet():
-        return tfl_convert.mlir_quantize(
-            calibrated, disable_per_channel=False, fully_quantize=False,
-            enable_numeric_verify=numeric_verify,
-            denylisted_nodes=list(denylisted_nodes) or None,
-            denylisted_ops=list(denylisted_ops) or None)
-
-
-def float_ops(path: str | Path) -> dict[str, int]:
-    """Ops computing in float32 (outputs float32), by kind, DEQUANTIZE of I/O excluded: what
-    an int8 variant still runs in float."""
-    tf = quiet_tensorflow()
-    interpreter = tf.lite.Interpreter(model_path=str(path))
-    dtypes = {t["index"]: np.dtype(t["dtype"]) for t in interpreter.get_tensor_details()}
-    kinds = Counter(
-        op["op_name"] for op in interpreter._get_ops_details()
-        if op["op_name"] not in ("DEQUANTIZE", "QUANTIZE")
-        and any(dtypes.get(i) == np.float32 for i in op["outputs"]))
-    return dict(kinds.most_common())
+from calibration.dataset import calibration_set
+from common.files import read_json
+from export.quantize import write_quant_variants
+from export.report import StageLog, write_report
 
 
 def add_quant_variants(export_dir: str | Path, variants: tuple[str, ...], calib_dir=None,
                        calib_samples: int = 32, echo=print) -> dict:
     """Quantize an existing fused export again (new calibration folder or sample count)
     without rerunning the earlier stages; returns the updated report."""
-    from calibration.dataset import calibration_set
-    from common.files import read_json, write_bytes, write_json
-    from export.pipeline import StageLog, _write_quant_variants, summary_text
-
     out = Path(export_dir)
     base = read_json(out / "bokeh_fp32.manifest.json")
     frozen = next(s for s in base["stages"] if s["name"] == "bokeh-frozen-graph")
@@ -141,7 +25,6 @@ def add_quant_variants(export_dir: str | Path, variants: tuple[str, ...], calib_
     calibration = calibration_set(base["height"], base["width"], calib_samples, calib_dir)
     report = read_json(out / "report.json")
     log = StageLog(out, echo, report["stages"])
-    _write_quant_variants(out / frozen["path"], io_spec, variants, calibration, base, report, log)
-    write_json(out / "report.json", report)
-    write_bytes(out / "report.txt", summary_text(report).encode())
+    write_quant_variants(out / frozen["path"], io_spec, variants, calibration, base, report, log)
+    write_report(out, report)
     return report

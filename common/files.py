@@ -31,24 +31,62 @@ def ensure_writable_dir(path: str | Path) -> Path:
     return path
 
 
+ARTIFACT_MARK = ".bokehlite-artifact"  # inside every folder atomic_path publishes
+
+
+def _replaceable(dest: Path, making_dir: bool) -> None:
+    """Refuse to put a file where a folder is (or the reverse), or to replace a folder that
+    this project did not write: user data is never deleted."""
+    if dest.is_dir() and not dest.is_symlink():
+        if not making_dir:
+            raise UserError(f"{dest}: is a folder; give a file name to write to")
+        if not (dest / ARTIFACT_MARK).is_file():
+            raise UserError(f"{dest}: is a folder this project did not write; refusing to "
+                            "replace it (remove it or choose another name)")
+    elif making_dir and (dest.exists() or dest.is_symlink()):
+        raise UserError(f"{dest}: is a file; refusing to replace it with a folder")
+    elif dest.exists() and not dest.is_file():
+        raise UserError(f"{dest}: is not a regular file; refusing to replace it")
+
+
+def check_writable_file(dest: str | Path) -> Path:
+    """Before long work: ``dest`` can be written as a file (its folder made and writable, and
+    nothing that is not a file in the way)."""
+    dest = Path(dest)
+    _replaceable(dest, making_dir=False)
+    ensure_writable_dir(dest.resolve().parent)
+    return dest
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``dest`` (file or folder), renamed over ``dest`` on success."""
+    """Yield a temporary path beside ``dest`` (file or folder), renamed over ``dest`` on success.
+
+    A folder is marked as ours (ARTIFACT_MARK); only such a folder is ever replaced.
+    """
     dest = Path(dest)
+    if dest.is_dir() and not dest.is_symlink():
+        _replaceable(dest, making_dir=True)
+    elif dest.exists() and not dest.is_file():
+        _replaceable(dest, making_dir=False)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    _remove(tmp)
+    remove_path(tmp)
     try:
         yield tmp
         if not tmp.exists():
             raise RuntimeError(f"stage produced nothing at {tmp}")
-        _remove(dest)
+        is_dir = tmp.is_dir()
+        _replaceable(dest, making_dir=is_dir)
+        if is_dir:
+            (tmp / ARTIFACT_MARK).touch()
+            remove_path(dest)
         os.replace(tmp, dest)
     finally:
-        _remove(tmp)
+        remove_path(tmp)
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
@@ -83,3 +121,12 @@ def read_json(path: str | Path) -> dict:
         raise UserError(f"{path}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid JSON ({exc})") from None
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 kB': sizes as a person reads them."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

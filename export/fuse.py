@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.files import atomic_path
-from export.tf_stages import nchw_to_nhwc_function, quiet_tensorflow
+from common.quiet import quiet_tensorflow
+from export.tf_stages import nchw_to_nhwc_function
 from models.pipeline import MASK_EPS
 
 OUTPUT_NAMES = ("bokeh", "mask")

@@ -13,7 +13,7 @@ from common.files import atomic_path
 from export.rewrites import PASSES
 
 # Opset 12 keeps Split's sizes an attribute: from 13 on they are an int64 input that onnx-tf turns
-# into tf.SplitV with int64 sizes, which TFLite only runs as a Flex op (DESIGN.md section 3).
+# into tf.SplitV with int64 sizes, which TFLite only runs as a Flex op (docs/design.md, section 3).
 DEFAULT_OPSET = 12
 
 

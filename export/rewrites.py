@@ -293,7 +293,7 @@ def simplegate_as_split(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Two channel Slices that cut a tensor in two halves -> one Split (SimpleGate's ``chunk``).
 
     One op that reads the tensor once instead of two STRIDED_SLICEs. Opset 12 keeps the sizes an
-    attribute, which converts to TFLite's builtin SPLIT (DESIGN.md section 3).
+    attribute, which converts to TFLite's builtin SPLIT (docs/design.md, section 3).
     """
     if _opset(model) >= 13:
         return model, 0  # sizes would be an int64 input: onnx-tf makes that a Flex op

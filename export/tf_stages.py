@@ -8,27 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from common.files import atomic_path
-
-
-def quiet_tensorflow():
-    """Import TensorFlow with its C++ and Python logging turned down to errors."""
-    import os
-    import warnings
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    warnings.filterwarnings("ignore", module="tensorflow_addons")
-    warnings.filterwarnings("ignore", message=".*TensorFlow Addons.*")
-    import tensorflow as tf
-
-    tf.get_logger().setLevel(logging.ERROR)
-    return tf
+from common.quiet import quiet_tensorflow
 
 
 def to_tensorflow(src: str | Path, dest: str | Path) -> Path:

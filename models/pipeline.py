@@ -1,7 +1,7 @@
 """The whole bokeh renderer in PyTorch: photo -> DPT disparity -> mask -> NAFNet -> bokeh.
 
 This is the reference the fused TFLite model is validated against, so each step is the exact math
-the TensorFlow graph does (DESIGN.md section 1):
+the TensorFlow graph does (docs/design.md, section 1):
 - the photo is resized to the DPT size with bilinear interpolation (half-pixel centres, no
   antialiasing: what TFLite's RESIZE_BILINEAR computes), normalised with mean 0.5 / std 0.5;
 - the disparity is resized back the same way and min-max normalised per image to [0, 1];

@@ -79,7 +79,7 @@ def test_unreadable_files_are_skipped_when_others_load(tmp_path):
 
 
 def test_export_cli_rejects_empty_calibration_folder_before_exporting(tmp_path, capsys):
-    from export.cli import main
+    from tools.cli import export_main as main
 
     empty = tmp_path / "calib"
     empty.mkdir()
@@ -92,7 +92,7 @@ def test_export_cli_rejects_empty_calibration_folder_before_exporting(tmp_path, 
 
 
 def test_export_rejects_unknown_quantized_variant(tmp_path, capsys):
-    from export.cli import main
+    from tools.cli import export_main as main
 
     assert main(["--out", str(tmp_path), "--quant-variants", "int4"]) == 2
     assert "int4" in capsys.readouterr().err

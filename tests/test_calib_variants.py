@@ -7,8 +7,9 @@ import shutil
 
 import pytest
 
-from export.pipeline import QUANT_VARIANTS, TOLERANCE
-from export.tflite_stage import inspect_tflite
+from export.manifest import TOLERANCE
+from export.quantize import QUANT_VARIANTS
+from export.tflite_info import inspect_tflite
 from validate.parity import run_parity
 
 
@@ -77,7 +78,7 @@ def test_int8_runs_integer_kernels(quant_export):
 @pytest.mark.full
 def test_report_measures_every_variant_and_the_int8_layers(quant_export, tmp_path):
     """The accuracy table end to end (several minutes: per-layer debugging, selective runs)."""
-    from calibration.report import main
+    from validate.quant_report import main
 
     out, _ = quant_export
     doc = tmp_path / "bench.md"

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from export.cli import main as export_main
 from models.nafnet import NAFNet
+from tools.cli import export_main
 from validate.cli import main as validate_main
 
 

@@ -10,8 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from common.quiet import quiet_tensorflow
 from export import onnx_stages, tf_stages, tflite_stage
 from export.rewrites import depth_to_space_crd_to_dcr, max_tensor_rank
+from export.tflite_info import inspect_tflite
 from tests.conftest import SMALL_H, SMALL_W
 from validate.parity import run_parity
 
@@ -35,7 +37,7 @@ def test_every_stage_written_with_manifest_and_report(nafnet_export):
 @pytest.mark.parametrize("variant", ["fp32", "fp16"])
 def test_tflite_is_builtin_only_rank4(nafnet_export, variant):
     out, report = nafnet_export
-    info = tflite_stage.inspect_tflite(out / f"nafnet_{variant}.tflite")
+    info = inspect_tflite(out / f"nafnet_{variant}.tflite")
     assert info.flex_ops == [] and not any(op.startswith("Flex") for op in info.op_histogram)
     assert info.max_rank == 4
     assert "DEPTH_TO_SPACE" in info.op_histogram
@@ -90,7 +92,7 @@ def _tflite_max_rank(onnx_path, folder):
     saved = tf_stages.to_tensorflow(onnx_path, folder / "saved")
     fn = tf_stages.nchw_to_nhwc_function(saved, (1, 6, 10, 8))
     frozen, spec = tf_stages.freeze(fn, folder / "frozen.pb")
-    return tflite_stage.inspect_tflite(
+    return inspect_tflite(
         tflite_stage.to_tflite(frozen, spec, folder / "m.tflite")).max_rank
 
 
@@ -133,7 +135,7 @@ def test_max_tensor_rank_reads_onnx(tmp_path):
 
 def test_flex_op_is_flagged_not_slipped_in(tmp_path):
     """A graph with an op TFLite has no builtin for writes *_flex.tflite and raises."""
-    tf = tf_stages.quiet_tensorflow()
+    tf = quiet_tensorflow()
 
     @tf.function(input_signature=[tf.TensorSpec([1, 8], tf.float32, name="input")])
     def fn(x):

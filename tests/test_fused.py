@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from export.cli import main as export_main
-from export.tflite_stage import inspect_tflite
+from export.tflite_info import inspect_tflite
 from models.pipeline import normalize_per_image, resize_bilinear
+from tools.cli import export_main
 from validate.parity import Reference, parity_inputs, read_manifest, run_parity
 
 
@@ -65,7 +65,7 @@ def test_fused_variants_builtin_only_rank4_with_gpu_verdict(fused_export, varian
 
 def test_resize_matches_tflite_resize_bilinear():
     """The reference's resize is the same math as TensorFlow's half-pixel bilinear resize."""
-    from export.tf_stages import quiet_tensorflow
+    from common.quiet import quiet_tensorflow
 
     tf = quiet_tensorflow()
     x = np.random.default_rng(0).random((1, 3, 37, 53), dtype=np.float32)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from export.tflite_stage import RUNTIMES
+from export.runner import RUNTIMES
 from validate.cli import main as validate_main
 from validate.profile import delegate_coverage
 from validate.runtime import EngineSpec, measure_memory, plan_engines, read_export
@@ -24,13 +24,13 @@ def test_litert_and_tensorflow_interpreters_agree(nafnet_export):
     """Both interpreters run the same file; XNNPACK versions differ, the math must not."""
     import numpy as np
 
-    from export.tflite_stage import run_tflite
+    from export.runner import run_tflite
 
     out, _ = nafnet_export
     path = out / "nafnet_fp32.tflite"
     manifest, _ = read_export(path)
     x = np.random.default_rng(3).random(manifest["inputs"][0]["shape"], dtype=np.float32)
-    tf_out, lite_out = (run_tflite(path, [x], threads=1, runtime=r)[0] for r in RUNTIMES)
+    tf_out, lite_out = (run_tflite(path, x, threads=1, runtime=r)["output"] for r in RUNTIMES)
     assert tf_out.shape == lite_out.shape and np.abs(tf_out).max() > 0
     assert np.abs(tf_out - lite_out).max() < 1e-5
 

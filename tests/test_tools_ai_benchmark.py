@@ -9,7 +9,7 @@ import shutil
 import pytest
 from tools_models import dynamic_tflite, fake_manifest, flex_tflite
 
-from export.tflite_stage import TFLiteInfo
+from export.tflite_info import TFLiteInfo
 from tools.ai_benchmark import check_delegate, main
 
 

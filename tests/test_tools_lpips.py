@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from common.errors import UserError
-from validate.lpips import LPIPS, alexnet_features, load_lpips
+from models.lpips import LPIPS, alexnet_features, load_lpips
 
 
 @pytest.fixture(scope="module")

@@ -64,7 +64,7 @@ def test_metrics_and_classical_render(rng):
 def test_quality_table(fused_export, ebb, tmp_path, capsys):
     import torch
 
-    from validate.lpips import LPIPS
+    from models.lpips import LPIPS
 
     torch.manual_seed(0)  # random weights: this checks the column, not the values
     state = {k: v.abs() if k.startswith("lin") else v for k, v in LPIPS().state_dict().items()}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tools.images import letterbox, unletterbox
+from common.images import letterbox, unletterbox
 from tools.render import main
 
 

@@ -193,7 +193,7 @@ def test_vgg19_refuses_random_weights_unless_allowed(tmp_path):
 
 def write_lpips_files(folder):
     """Random weights in the layouts of torchvision's alexnet and the lpips package's alex.pth."""
-    from validate.lpips import LPIPS
+    from models.lpips import LPIPS
 
     torch.manual_seed(0)
     ref = LPIPS()
@@ -208,14 +208,15 @@ def write_lpips_files(folder):
 
 
 def test_lpips_loads_local_weights_and_behaves_like_a_distance(tmp_path):
-    from train.metrics import MetricWeightsError, load_lpips
+    from common.errors import UserError
+    from models.lpips import load_lpips
 
     heads, alex = write_lpips_files(tmp_path)
-    lpips = load_lpips(heads, alex)
+    lpips = load_lpips([alex, heads])
     a = nchw(photo("astronaut", 64))
     b = nchw(gaussian(photo("astronaut", 64), sigma=2, channel_axis=-1))
     assert lpips(a, a).item() == 0
     d_ab, d_ba = lpips(a, b).item(), lpips(b, a).item()
     assert d_ab > 0 and d_ab == pytest.approx(d_ba)
-    with pytest.raises(MetricWeightsError, match="LPIPS needs AlexNet features"):
-        load_lpips(heads, heads)  # the AlexNet file is missing its convolutions
+    with pytest.raises(UserError, match="LPIPS needs AlexNet features"):
+        load_lpips([heads, heads])  # the AlexNet file is missing its convolutions

@@ -11,7 +11,7 @@ from common.files import write_json
 
 
 def _convert(fn, dest: Path, flex: bool = False) -> Path:
-    from export.tf_stages import quiet_tensorflow
+    from common.quiet import quiet_tensorflow
 
     tf = quiet_tensorflow()
     converter = tf.lite.TFLiteConverter.from_concrete_functions(
@@ -23,18 +23,33 @@ def _convert(fn, dest: Path, flex: bool = False) -> Path:
 
 
 def fake_manifest(tflite: Path, shape: list[int]) -> Path:
-    """The few manifest entries the tools read, as bokeh-export would write them."""
-    io = {"shape": shape, "dtype": "float32", "layout": "NHWC", "range": [0.0, 1.0]}
+    """The manifest entries the tools read, as the export writes them: inputs and outputs as the
+    file has them (``shape`` stands in when the file cannot be read)."""
+    import numpy as np
+
+    from common.errors import UserError
+    from export.runner import make_interpreter
+
+    io = {"dtype": "float32", "layout": "NHWC", "range": [0.0, 1.0]}
+    try:
+        interpreter = make_interpreter(tflite, allocate=False)
+        inputs, outputs = ([{"name": d["name"], "shape": [int(x) for x in d["shape"]], **io,
+                             "dtype": np.dtype(d["dtype"]).name} for d in details]
+                           for details in (interpreter.get_input_details(),
+                                           interpreter.get_output_details()))
+    except UserError:
+        inputs = [{"name": "photo", "shape": shape, **io}]
+        outputs = [{"name": "bokeh", "shape": shape, **io}]
     return write_json(tflite.with_suffix(".manifest.json"), {
         "model": "bokeh", "variant": "fp16", "stages": [], "report": "report.json",
-        "inputs": [{"name": "photo", **io}],
-        "outputs": [{"name": "bokeh", **io}, {"name": "mask", **{**io, "shape": shape[:3] + [1]}}],
+        "tolerance": {outputs[0]["name"]: {"min_psnr": 45.0}},
+        "inputs": inputs, "outputs": outputs,
     })
 
 
 def flex_tflite(folder: Path) -> Path:
     """[1,8,8,3] in; Cumprod has no TFLite builtin, so the file needs the Flex delegate."""
-    from export.tf_stages import quiet_tensorflow
+    from common.quiet import quiet_tensorflow
 
     tf = quiet_tensorflow()
 
@@ -50,7 +65,7 @@ def flex_tflite(folder: Path) -> Path:
 
 def dynamic_tflite(folder: Path) -> Path:
     """Builtin ops only, but height and width are dynamic ([1,-1,-1,3])."""
-    from export.tf_stages import quiet_tensorflow
+    from common.quiet import quiet_tensorflow
 
     tf = quiet_tensorflow()
 

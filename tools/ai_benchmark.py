@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from common.cli import run_command
 from common.errors import UserError
-from common.files import ensure_writable_dir, read_json, write_bytes, write_json
-from tools.inspect import dynamic_dims, gpu_verdict, human_bytes, inspect
+from common.files import ensure_writable_dir, human_bytes, read_json, write_bytes, write_json
+from export.tflite_info import dynamic_dims, gpu_verdict
+from tools.inspect import inspect
 
 BUNDLE_FORMAT = "bokehlite-ai-benchmark/1"
 DELEGATES = ("gpu", "cpu", "nnapi")
@@ -46,8 +47,7 @@ def check_delegate(info, dynamic: list[str], delegate: str) -> list[str]:
     reasons = [f"dynamic shape {d}: mobile delegates and AI Benchmark need static shapes"
                for d in dynamic]
     if delegate == "gpu":
-        verdict, gpu_reasons = gpu_verdict(info)
-        reasons += gpu_reasons
+        reasons += gpu_verdict(info)[1]
     return reasons
 
 
@@ -77,7 +77,7 @@ def _io(tensors: list[dict], manifest_io: list[dict]) -> list[dict]:
 
 def build_manifest(src: Path, data: bytes, info, manifest: dict, dynamic: list[str],
                    delegate: str, parity: dict | str) -> dict:
-    verdict, gpu_reasons = gpu_verdict(info)
+    ready, gpu_reasons = gpu_verdict(info)
     return {
         "format": BUNDLE_FORMAT, "model": "model.tflite", "source": str(src.resolve()),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -89,8 +89,8 @@ def build_manifest(src: Path, data: bytes, info, manifest: dict, dynamic: list[s
         "flex": {"required": bool(info.flex_ops), "ops": info.flex_ops},
         "max_rank": info.max_rank,
         "delegates": {
-            "gpu": {"compatible": verdict == "READY", "reasons": gpu_reasons,
-                    "notes": info.gpu_messages if verdict == "READY" else []},
+            "gpu": {"compatible": ready, "reasons": gpu_reasons,
+                    "notes": info.gpu_messages if ready else []},
             "cpu": {"compatible": not dynamic,
                     "notes": ["needs the Flex delegate"] if info.flex_ops else []},
             "nnapi": {"compatible": None,
@@ -150,7 +150,7 @@ def make_bundle(out: str | Path, variant: str = "fp16", export_dir: str | Path =
 
     Raises ``Refused`` (a ``UserError``) when the delegate cannot run the model.
     """
-    from validate.parity import read_manifest
+    from export.manifest import read_manifest
 
     if variant not in DEFAULT_DELEGATE:
         raise UserError(f"unknown variant {variant!r}; expected one of {tuple(DEFAULT_DELEGATE)}")
@@ -175,13 +175,15 @@ def make_bundle(out: str | Path, variant: str = "fp16", export_dir: str | Path =
     return bundle
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "bokeh ai-benchmark") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m tools.ai_benchmark",
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Bundle an exported model for the AI Benchmark app: model.tflite, "
                     "manifest.json (inputs, outputs, delegates, Flex, parity, sha256) and "
                     "README.txt. Refuses a model the chosen delegate cannot run.",
-        epilog="Then copy DIR/model.tflite to the phone's Download folder (see DIR/README.txt).")
+        epilog=f"examples:\n  {prog} --variant fp16 --out bundle\n"
+               f"  {prog} --tflite build/export/bokeh_fp32.tflite --delegate cpu --out bundle\n"
+               "Then copy DIR/model.tflite to the phone's Download folder (see DIR/README.txt).")
     p.add_argument("--out", required=True, help="bundle folder (created)")
     p.add_argument("--variant", default="fp16", choices=tuple(DEFAULT_DELEGATE),
                    help="fp16 for the GPU delegate, fp32 for the CPU (default %(default)s)")
@@ -194,15 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        bundle = make_bundle(args.out, args.variant, args.export_dir, args.tflite,
-                             args.delegate)
-    except UserError as exc:
-        print(f"ai_benchmark: error: {exc}", file=sys.stderr)
-        return 2
+def main(argv: list[str] | None = None, prog: str = "bokeh ai-benchmark") -> int:
+    args = build_parser(prog).parse_args(argv)
+    return run_command(prog, lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    bundle = make_bundle(args.out, args.variant, args.export_dir, args.tflite, args.delegate)
     out = Path(args.out)
     print(f"Bundle for AI Benchmark ({bundle['delegate'].upper()}): {out}/")
     print(f"  model.tflite   {human_bytes(bundle['bytes'])}, sha256 {bundle['sha256'][:16]}...")

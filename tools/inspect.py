@@ -9,69 +9,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from common.errors import UserError
+from common.cli import positive_int, run_command
+from common.files import human_bytes
+from export.runner import verify_tflite
+from export.tflite_info import TFLiteInfo, dynamic_dims, gpu_verdict, inspect_tflite
 
 
-def open_tflite(path: str | Path):
-    """A TFLite interpreter (tensors not allocated) or a ``UserError`` naming the file."""
-    from export.tf_stages import quiet_tensorflow
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such TFLite file")
-    tf = quiet_tensorflow()
-    try:
-        return tf.lite.Interpreter(model_path=str(path))
-    except (ValueError, RuntimeError) as exc:
-        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
-        raise UserError(f"{path}: not a readable TFLite model ({reason})") from None
-
-
-def dynamic_dims(path: str | Path) -> list[str]:
-    """Inputs and outputs with a dynamic (-1) dimension, as 'name [1,-1,-1,3]' strings.
-
-    ``shape`` shows a placeholder 1 for a dynamic dimension; only ``shape_signature`` tells.
-    """
-    interpreter = open_tflite(path)
-    found = []
-    for detail in interpreter.get_input_details() + interpreter.get_output_details():
-        signature = [int(d) for d in detail.get("shape_signature", detail["shape"])]
-        if any(d < 0 for d in signature):
-            found.append(f"{detail['name']} [{','.join(map(str, signature))}]")
-    return found
-
-
-def inspect(path: str | Path, largest: int = 5):
-    """``export.tflite_stage.inspect_tflite`` with file errors turned into ``UserError``."""
-    from export.tflite_stage import inspect_tflite
-
-    open_tflite(path)
+def inspect(path: str | Path, largest: int = 5) -> TFLiteInfo:
+    """``inspect_tflite`` of a verified file (a corrupt one is a ``UserError``)."""
+    verify_tflite(path)
     return inspect_tflite(path, largest)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def gpu_verdict(info) -> tuple[str, list[str]]:
-    """'READY' or 'NOT READY' for the GPU delegate, with every reason."""
-    reasons = []
-    if info.flex_ops:
-        reasons.append(f"Flex ops {', '.join(info.flex_ops)}: the GPU delegate runs builtin "
-                       "ops only")
-    if info.max_rank > 4:
-        reasons.append(f"a tensor of rank {info.max_rank}: the GPU delegate takes rank <= 4")
-    if not info.gpu_compatible:
-        reasons.extend(info.gpu_messages or ["TensorFlow's GPU analyzer flagged the model"])
-    return ("READY" if not reasons else "NOT READY"), reasons
 
 
 def _shape(t: dict) -> str:
@@ -81,7 +31,8 @@ def _shape(t: dict) -> str:
 def format_report(info, dynamic: list[str] | None = None, top_ops: int = 15) -> str:
     """The aligned text report."""
     ops = info.op_histogram
-    verdict, reasons = gpu_verdict(info)
+    ready, reasons = gpu_verdict(info)
+    verdict = "READY" if ready else "NOT READY"
     lines = [f"{Path(info.path).name}: {human_bytes(info.size_bytes)}, {sum(ops.values())} ops "
              f"of {len(ops)} kinds"]
     for title, tensors in (("input", info.inputs), ("output", info.outputs)):
@@ -114,38 +65,41 @@ def format_report(info, dynamic: list[str] | None = None, top_ops: int = 15) -> 
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "bokeh inspect") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m tools.inspect",
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"examples:\n  {prog} build/export/bokeh_fp16.tflite\n"
+               f"  {prog} build/export/bokeh_fp16.tflite --json",
         description="What a .tflite holds and whether a phone GPU will take it: size, inputs and "
                     "outputs, dynamic shapes, Flex ops, maximum rank, GPU delegate verdict with "
                     "reasons, op histogram, largest tensors. Exit 2 on a missing or corrupt file.")
     p.add_argument("tflite", help="a .tflite file")
     p.add_argument("--json", action="store_true", help="print JSON instead of the text report")
-    p.add_argument("--top", type=int, default=15, help="op kinds listed (default %(default)s)")
-    p.add_argument("--largest", type=int, default=5,
+    p.add_argument("--top", type=positive_int, default=15,
+                   help="op kinds listed (default %(default)s)")
+    p.add_argument("--largest", type=positive_int, default=5,
                    help="largest tensors listed (default %(default)s)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
+def main(argv: list[str] | None = None, prog: str = "bokeh inspect") -> int:
+    args = build_parser(prog).parse_args(argv)
+
+    def body() -> int:
         info = inspect(args.tflite, args.largest)
         dynamic = dynamic_dims(args.tflite)
-    except UserError as exc:
-        print(f"inspect: error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        from dataclasses import asdict
+        if args.json:
+            from dataclasses import asdict
 
-        verdict, reasons = gpu_verdict(info)
-        print(json.dumps({**asdict(info), "dynamic": dynamic, "gpu_verdict": verdict,
-                          "gpu_reasons": reasons}, indent=2))
-    else:
-        print(format_report(info, dynamic, args.top))
-    return 0
+            ready, reasons = gpu_verdict(info)
+            print(json.dumps({**asdict(info), "dynamic": dynamic,
+                              "gpu_verdict": "READY" if ready else "NOT READY",
+                              "gpu_reasons": reasons}, indent=2))
+        else:
+            print(format_report(info, dynamic, args.top))
+        return 0
+
+    return run_command(prog, body)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from common.errors import UserError
+from common.images import IMAGE_SUFFIXES, load_rgb
+
 EBB_VAL294 = (4400, 4693)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """Bad training data; the message names the file."""
 
 
@@ -140,15 +142,6 @@ def check_pairs(candidates: Sequence[tuple[str, Path, Path, Path]], skip_bad: bo
 # --- reading -----------------------------------------------------------------------------------
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """An 8-bit image as float32 ``HxWx3`` in [0,1]."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-    except Exception as exc:  # PIL raises several types for a truncated or foreign file
-        raise DataError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from None
-
-
 def read_mask(path: Path) -> np.ndarray:
     """A cached disparity PNG (16- or 8-bit) min-max normalised to float32 ``HxW`` in [0,1]."""
     try:
@@ -215,7 +208,11 @@ class PairDataset(Dataset):
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         p = self.pairs[index]
-        image, target, mask = read_rgb(p.image), read_rgb(p.target), read_mask(p.depth)
+        try:
+            image, target = load_rgb(p.image), load_rgb(p.target)
+        except UserError as exc:  # the one photo reader's error, as training data's
+            raise DataError(str(exc)) from None
+        mask = read_mask(p.depth)
         for path, arr in ((p.target, target), (p.depth, mask)):
             if arr.shape[:2] != image.shape[:2]:
                 raise DataError(f"{path}: size {arr.shape[1]}x{arr.shape[0]} differs from "

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common.images import IMAGE_SUFFIXES, load_rgb
 from models.dpt import dpt_input_size
 from models.pipeline import resize_bilinear
-from train.data import IMAGE_SUFFIXES, DataError, read_rgb
+from train.data import DataError
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]  # [1,3,h,w] normalised -> [1,h,w] disparity
 
@@ -65,7 +66,7 @@ def build_cache(images: Path, out: Path, predict: Predictor, overwrite: bool = F
 
         todo = tqdm(todo, desc="depth cache", unit="img")
     for f in todo:
-        write_disparity_png(out / f"{f.stem}.png", predict_disparity(read_rgb(f), predict))
+        write_disparity_png(out / f"{f.stem}.png", predict_disparity(load_rgb(f), predict))
     return len(todo)
 
 

@@ -1,4 +1,4 @@
-"""Losses of Bokeh-Loss GAN (paper sections 3.3-3.5, DESIGN.md section 5).
+"""Losses of Bokeh-Loss GAN (paper sections 3.3-3.5, docs/design.md, section 5).
 
 Images are ``[N,3,H,W]`` in [0,1], the depth mask ``M`` is ``[N,1,H,W]`` in [0,1] with 1 = near (in
 focus). Every loss returns a scalar averaged over the batch. The bokeh losses are normalised per
@@ -14,50 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# --- SSIM --------------------------------------------------------------------------------------
-
-SSIM_WINDOW = 11
-SSIM_SIGMA = 1.5
-SSIM_C1 = 0.01**2
-SSIM_C2 = 0.03**2
-
-
-def _gaussian_1d(size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    return (g / g.sum()).to(dtype=dtype, device=device)
-
-
-def ssim_map(a: Tensor, b: Tensor) -> Tensor:
-    """Per-pixel SSIM over the valid region (no padding), like scikit-image's cropped mean.
-
-    An 11x11 Gaussian window (sigma 1.5, applied separably), C1 = 0.01^2, C2 = 0.03^2 for data
-    range 1, population (not sample) covariance. Output ``[N,C,H-10,W-10]``.
-    """
-    if a.shape != b.shape:
-        raise ValueError(f"ssim: shapes differ {tuple(a.shape)} vs {tuple(b.shape)}")
-    if min(a.shape[-2:]) < SSIM_WINDOW:
-        raise ValueError(f"ssim: images must be at least {SSIM_WINDOW}x{SSIM_WINDOW}")
-    c = a.shape[1]
-    g = _gaussian_1d(SSIM_WINDOW, SSIM_SIGMA, a.dtype, a.device)
-    gx = g.view(1, 1, 1, -1).expand(c, 1, 1, SSIM_WINDOW)
-    gy = g.view(1, 1, -1, 1).expand(c, 1, SSIM_WINDOW, 1)
-
-    def blur(x: Tensor) -> Tensor:
-        return F.conv2d(F.conv2d(x, gx, groups=c), gy, groups=c)
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a**2
-    var_b = blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    num = (2 * mu_a * mu_b + SSIM_C1) * (2 * cov + SSIM_C2)
-    den = (mu_a**2 + mu_b**2 + SSIM_C1) * (var_a + var_b + SSIM_C2)
-    return num / den
-
-
-def ssim(a: Tensor, b: Tensor) -> Tensor:
-    """Mean SSIM of two image batches (the metric; the loss is ``1 - ssim``)."""
-    return ssim_map(a, b).mean()
+from common.errors import UserError
+from common.metrics import ssim
 
 
 def ssim_loss(output: Tensor, target: Tensor) -> Tensor:
@@ -72,7 +30,7 @@ def l1_loss(output: Tensor, target: Tensor) -> Tensor:
 
 # --- Bokeh losses (section 3.4) ----------------------------------------------------------------
 
-# 0, 90, +45 and -45 degrees, as in DESIGN.md section 5.
+# 0, 90, +45 and -45 degrees, as in docs/design.md, section 5.
 SOBEL_KERNELS = torch.tensor(
     [
         [[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]],
@@ -177,7 +135,7 @@ class VGG19Features(nn.Module):
         return self.features((x - self.mean) / self.std)
 
 
-class VGGWeightsError(ValueError):
+class VGGWeightsError(UserError, ValueError):
     """A VGG19 weights file that is missing or does not fit."""
 
 

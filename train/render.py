@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from scipy.signal import fftconvolve
 
+from common.images import load_rgb
+
 
 def disc_kernel(radius: float) -> np.ndarray:
     """An anti-aliased, normalised disc of the given radius in pixels (radius 0: identity)."""
@@ -88,13 +90,6 @@ def render_bokeh(image: np.ndarray, disparity: np.ndarray, focus: float | None =
     return composite(layers)
 
 
-def _read_rgb(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.float64) / 255.0
-
-
 def _read_disparity(path: Path) -> np.ndarray:
     from PIL import Image
 
@@ -119,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     try:
-        image = _read_rgb(args.image)
+        image = load_rgb(args.image).astype(np.float64)
     except Exception as exc:
         print(f"error: {args.image}: cannot read image ({exc})", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Two-stage trainer for Bokeh-Loss GAN (paper sections 3.3-3.5, 4.1; DESIGN.md section 5).
+"""Two-stage trainer for Bokeh-Loss GAN (paper sections 3.3-3.5, 4.1; docs/design.md, section 5).
 
 Stage 1 (eq. 4): 0.5 L1 + 0.05 L_SSIM + 0.005 L_edgediff + 0.1 L_backblur + 0.005 L_foreedge.
 Stage 2 (eq. 5): 0.5 L1 + 0.1 L_VGG + 0.05 L_SSIM + L_adv, with two PatchGAN critics (n_layers 3
@@ -34,8 +34,10 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from common.errors import CheckpointError
+from common.errors import CheckpointError, UserError
+from common.metrics import psnr
 from models.discriminator import NLayerDiscriminator, dual_scale_critics
+from models.lpips import LPIPS, load_lpips
 from models.nafnet import PAPER_CONFIG, NAFNet
 from train.data import (
     EBB_VAL294,
@@ -56,7 +58,6 @@ from train.losses import (
     stage1_loss,
     stage2_loss,
 )
-from train.metrics import LPIPS, MetricWeightsError, load_lpips, psnr
 
 # -----------------------------------------------------------------------------------------------
 # Configuration. A preset fills the defaults; any flag given on the command line wins.
@@ -75,7 +76,7 @@ PRESETS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A flag combination or resume state that cannot work."""
 
 
@@ -83,9 +84,10 @@ class NonFiniteLoss(RuntimeError):
     """A NaN or Inf loss: the run stops before the bad step touches any weights."""
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, prog: str = "python -m train.trainer"
+               ) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m train.trainer", description=__doc__,
+        prog=prog, description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     presets = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items())
                         for name, values in PRESETS.items())
@@ -266,7 +268,8 @@ def lpips_metric(cfg: argparse.Namespace, device: torch.device) -> tuple[LPIPS |
     if cfg.lpips_weights is None or cfg.alexnet_weights is None:
         missing = "--lpips-weights" if cfg.lpips_weights is None else "--alexnet-weights"
         return None, f"LPIPS unavailable: no {missing} given"
-    return load_lpips(cfg.lpips_weights, cfg.alexnet_weights).to(device), "LPIPS (AlexNet)"
+    lpips = load_lpips([cfg.alexnet_weights, cfg.lpips_weights]).requires_grad_(False)
+    return lpips.to(device), "LPIPS (AlexNet)"
 
 
 @torch.no_grad()
@@ -634,19 +637,19 @@ def print_summary(summary: dict) -> None:
         print(f"\nnext: make export NAFNET_CKPT={summary['checkpoint']}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m train.trainer") -> int:
+    cfg = parse_args(argv, prog)
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
         train(cfg)
     except NonFiniteLoss as exc:
         found = checkpoints(Path(cfg.out) / "checkpoints")  # nothing is written after a bad step
-        print(f"error: {exc}: stopped before this step changed any weights; last good "
+        print(f"{prog}: error: {exc}: stopped before this step changed any weights; last good "
               f"checkpoint: {found[-1] if found else 'none yet'} (continue with --resume, e.g. "
               f"with a lower --lr)", file=sys.stderr)
         return 3
-    except (DataError, VGGWeightsError, MetricWeightsError, CheckpointError, ConfigError) as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+    except (DataError, VGGWeightsError, UserError, ConfigError) as exc:
+        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     return 0
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.errors import UserError
+from common.cli import positive_int, run_command
 from common.files import read_json, write_bytes
-from export.tflite_stage import RUNTIMES, runtime_label
+from export.runner import RUNTIMES, runtime_label
 from validate.runtime import Runner, onnx_engine, tflite_engine, time_interleaved, torch_engine
 
 
@@ -58,8 +58,8 @@ def ensure_export(out: Path, height: int, width: int) -> dict:
     manifest_path = out / "bokeh_fp32.manifest.json"
     manifest = read_json(manifest_path) if manifest_path.is_file() else None
     if manifest is None or (manifest["height"], manifest["width"]) != (height, width):
-        print(f"No fused {height}x{width} export in {out}: exporting first.")
-        export(out, height, width)
+        print(f"No fused {height}x{width} export in {out}: exporting first (replacing any).")
+        export(out, height, width, overwrite=True)
         manifest = read_json(manifest_path)
     return manifest
 
@@ -204,33 +204,35 @@ def write_photos(folder: Path) -> Path:
     return folder
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m validate.bench", description=__doc__)
-    p.add_argument("--out", default="build/export", help="export folder (%(default)s)")
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1536)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--runs", type=int, default=5)
+def main(argv: list[str] | None = None, prog: str = "bokeh bench") -> int:
+    p = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"examples:\n  {prog}\n  {prog} --height 512 --width 768 --runs 3")
+    p.add_argument("--export-dir", "--out", dest="export_dir", default="build/export",
+                   help="export folder, made if missing (%(default)s; --out is the old name)")
+    p.add_argument("--height", type=positive_int, default=1024)
+    p.add_argument("--width", type=positive_int, default=1536)
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--runs", type=positive_int, default=5)
     p.add_argument("--no-photos", action="store_true", help="skip the real-photo parity table")
     p.add_argument("--doc", default="docs/benchmarks.md", help="markdown file to update")
     args = p.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    out = Path(args.out)
-    command = (f"make bench (python -m validate.bench --height {args.height} --width "
+    out = Path(args.export_dir)
+    command = (f"make bench (bokeh bench --height {args.height} --width "
                f"{args.width} --threads {args.threads} --runs {args.runs})")
-    try:
+
+    def body() -> int:
         manifest = ensure_export(out, args.height, args.width)
-        photos = None if args.no_photos else write_photos(out / "bench_photos")
+        photos = None if args.no_photos else write_photos(out.parent / "bench_photos")
         sections = {
             "nafnet": bench_nafnet(out, manifest, args.threads, args.runs, command),
             "fused": bench_fused(out, manifest, args.threads, args.runs, command, photos),
         }
-    except UserError as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return 2
-    for key, section in sections.items():
-        publish_section(args.doc, key, section)
-    return 0
+        for key, section in sections.items():
+            publish_section(args.doc, key, section)
+        return 0
+
+    return run_command(prog, body)
 
 
 if __name__ == "__main__":

@@ -1,85 +1,87 @@
-"""`validate`: checks that an exported model computes what the PyTorch model computes.
+"""`validate <verb>` (also `bokeh <verb>`): does an exported model compute what the PyTorch
+model computes, how fast, and how good are its renders.
 
-A thin layer over validate.parity, validate.runtime and validate.quality; parity exits 0
-within tolerance, 1 outside it; every command exits 2 on bad input.
+parity exits 0 within tolerance, 1 outside it; every command exits 2 on bad input.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+from common.cli import non_negative_int, positive_float, positive_int, run_command
+from common.errors import UserError
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="validate", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    par = sub.add_parser(
-        "parity", help="diff every exported stage against the PyTorch model",
-        description="Run the PyTorch model and every exported stage whose artifact is present "
-                    "(ONNX via onnxruntime, TF SavedModel, frozen graph, TFLite) on the same "
-                    "inputs; print max/mean abs diff and PSNR per stage and input. Exit 0 "
-                    "within tolerance, 1 outside it, 2 on bad input.")
-    par.add_argument("--tflite", required=True, help="a .tflite written by bokeh-export")
+VERBS = {  # verb -> "module:function" taking (argv, prog)
+    "parity": "validate.cli:parity_main",
+    "runtime": "validate.cli:runtime_main",
+    "quality": "validate.cli:quality_main",
+    "bench": "validate.bench:main",
+    "peers": "validate.peers:main",
+    "passes": "validate.passes_bench:main",
+    "profile": "validate.profile:main",
+    "quant-report": "validate.quant_report:main",
+}
+
+
+def _parser(prog: str, description: str, examples: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=prog, description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog="examples:\n" + examples)
+
+
+def parity_parser(prog: str = "validate parity") -> argparse.ArgumentParser:
+    par = _parser(
+        prog, "Run the PyTorch model and every exported stage whose artifact is present (ONNX "
+              "via onnxruntime, TF SavedModel, frozen graph, TFLite) on the same inputs; print "
+              "max/mean abs diff and PSNR per stage and input. Exit 0 within tolerance, 1 "
+              "outside it, 2 on bad input.",
+        f"  {prog} --tflite build/export/bokeh_fp32.tflite\n"
+        f"  {prog} --tflite build/export/bokeh_fp16.tflite --images ~/photos --tflite-only\n"
+        f"  {prog} --tflite build/export/nafnet_fp32.tflite --json parity.json")
+    par.add_argument("--tflite", required=True, help="a .tflite written by bokeh export")
     par.add_argument("--checkpoint", help="PyTorch weights (default: those in the manifest)")
     par.add_argument("--images", help="folder of photos (resized/cropped to the model's size); "
                                       "default: seeded random inputs")
-    par.add_argument("--atol", type=float, help="max abs diff allowed at every stage "
-                                                "(default: 1e-4, the manifest's for TFLite)")
-    par.add_argument("--num-random", type=int, default=2,
+    par.add_argument("--atol", type=positive_float,
+                     help="max abs diff allowed at every stage (default: the manifest's)")
+    par.add_argument("--num-random", type=positive_int, default=2,
                      help="random inputs when no --images (default %(default)s)")
     par.add_argument("--tflite-only", action="store_true",
                      help="check the TFLite file alone, not the earlier stages")
     par.add_argument("--json", help="also write the full result to this JSON file")
-    qual = sub.add_parser(
-        "quality", help="PSNR / SSIM / LPIPS on a paired folder, like the paper's tables",
-        description="Score the PyTorch model, each TFLite variant, the input itself and a "
-                    "classical thin-lens render against the bokeh photos of a paired folder "
-                    "(EBB! layout: "
-                    "DIR/original/NAME.jpg and DIR/bokeh/NAME.jpg). Prints a Markdown table "
-                    "Model | PSNR | SSIM | LPIPS. Exit 0, or 2 on bad input.")
-    qual.add_argument("--data", required=True, help="paired folder (original/ and bokeh/)")
-    qual.add_argument("--tflite", action="append", default=[],
-                      help="fused bokeh_*.tflite to score (repeat for several variants); the "
-                           "PyTorch row then uses the first one's weights and size")
-    qual.add_argument("--checkpoint", help="NAFNet checkpoint for the PyTorch row")
-    qual.add_argument("--dpt-weights", help="MiDaS DPT file, with --checkpoint and no --tflite")
-    qual.add_argument("--allow-random-dpt", action="store_true",
-                      help="with --checkpoint and no --dpt-weights: random depth (meaningless)")
-    qual.add_argument("--lpips-weights", nargs="+", metavar="FILE",
-                      help="local LPIPS weights: torchvision AlexNet (features.*) and the LPIPS "
-                           "v0.1 heads (lin0-4), one file or several; without: LPIPS n/a")
-    qual.add_argument("--limit", type=int, help="score only the first N pairs")
-    qual.add_argument("--json", help="also write the full result (per pair) to this JSON file")
+    return par
 
-    rt = sub.add_parser(
-        "runtime", help="latency and peak memory of every engine of an export",
-        description="Time PyTorch eager, onnxruntime and every TFLite variant of the export that "
-                    "FILE belongs to (threads, XNNPACK on/off, TF 2.15 interpreter and LiteRT), "
-                    "interleaved on the same "
-                    "input: warm-up, N runs, median, p90, min. Peak memory is measured per "
-                    "engine in a fresh process. Writes a table, JSON and a PNG bar chart.")
-    rt.add_argument("--tflite", required=True,
-                    help="any .tflite written by bokeh-export (its manifest names the model)")
-    rt.add_argument("--threads", default="1,2,4", help="thread counts (default %(default)s)")
-    rt.add_argument("--xnnpack", default="on,off",
-                    help="TFLite with the XNNPACK delegate on, off or both (default %(default)s)")
-    rt.add_argument("--runtime", default="tensorflow,litert",
-                    help="TFLite interpreters: tensorflow (TF 2.15's own), litert (the "
-                         "ai-edge-litert package, newer XNNPACK) or both (default %(default)s)")
-    rt.add_argument("--runs", type=int, default=5, help="timed runs per engine (%(default)s)")
-    rt.add_argument("--warmup", type=int, default=1, help="untimed runs first (%(default)s)")
-    rt.add_argument("--no-memory", action="store_true",
-                    help="skip the per-engine peak-memory subprocesses")
-    rt.add_argument("--json", help="result file (default: runtime.json beside the .tflite)")
-    rt.add_argument("--png", help="bar chart (default: runtime.png beside the .tflite)")
-    return p
+
+def parity_main(argv: list[str] | None = None, prog: str = "validate parity") -> int:
+    args = parity_parser(prog).parse_args(argv)
+
+    def body() -> int:
+        from common.files import check_writable_file, write_json
+        from export.manifest import read_manifest
+        from export.report import record_parity
+        from validate.parity import format_table, run_parity
+
+        if args.json:
+            check_writable_file(args.json)
+        manifest, folder = read_manifest(args.tflite)
+        print(f"Parity of {args.tflite} against PyTorch:")
+        result = run_parity(args.tflite, args.checkpoint, args.images, args.atol,
+                            args.num_random, tflite_only=args.tflite_only)
+        print(format_table(result))
+        if args.json:
+            write_json(args.json, result)
+        report = folder / manifest.get("report", "report.json")
+        if report.is_file() and not args.checkpoint and not record_parity(report, manifest,
+                                                                           result):
+            print(f"note: {report} belongs to another export run; result not recorded there")
+        return 0 if result["passed"] else 1
+
+    return run_command(prog, body)
 
 
 def _int_list(text: str, what: str) -> tuple[int, ...]:
-    from common.errors import UserError
-
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
@@ -91,93 +93,124 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 
 def _choices(text: str, flag: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
     """A comma-separated list of ``allowed`` names, in order, without repeats."""
-    from common.errors import UserError
-
     names = [v.strip() for v in text.split(",") if v.strip()]
     if not names or any(n not in allowed for n in names):
         raise UserError(f"--{flag} takes {' or '.join(allowed)} (comma-separated), got {text!r}")
     return tuple(dict.fromkeys(names))
 
 
-def runtime_main(args: argparse.Namespace) -> int:
-    from common.errors import UserError
-    from common.files import ensure_writable_dir, write_json
-    from export.tflite_stage import RUNTIMES
-    from validate.runtime import format_runtime_table, plot_runtime, run_runtime
+def runtime_parser(prog: str = "validate runtime") -> argparse.ArgumentParser:
+    rt = _parser(
+        prog, "Time PyTorch eager, onnxruntime and every TFLite variant of the export that FILE "
+              "belongs to (threads, XNNPACK on/off, TF 2.15 interpreter and LiteRT), "
+              "interleaved on the same input: warm-up, N runs, median, p90, min. Peak memory is "
+              "measured per engine in a fresh process. Writes a table, JSON and a PNG chart.",
+        f"  {prog} --tflite build/export/nafnet_fp32.tflite\n"
+        f"  {prog} --tflite build/export/bokeh_fp32.tflite --threads 2 --runtime litert")
+    rt.add_argument("--tflite", required=True,
+                    help="any .tflite written by bokeh export (its manifest names the model)")
+    rt.add_argument("--threads", default="1,2,4", help="thread counts (default %(default)s)")
+    rt.add_argument("--xnnpack", default="on,off",
+                    help="TFLite with the XNNPACK delegate on, off or both (default %(default)s)")
+    rt.add_argument("--runtime", default="tensorflow,litert",
+                    help="TFLite interpreters: tensorflow (TF 2.15's own), litert (the "
+                         "ai-edge-litert package, newer XNNPACK) or both (default %(default)s)")
+    rt.add_argument("--runs", type=positive_int, default=5,
+                    help="timed runs per engine (%(default)s)")
+    rt.add_argument("--warmup", type=non_negative_int, default=1,
+                    help="untimed runs first (%(default)s)")
+    rt.add_argument("--no-memory", action="store_true",
+                    help="skip the per-engine peak-memory subprocesses")
+    rt.add_argument("--json", help="result file (default: runtime.json beside the .tflite)")
+    rt.add_argument("--png", help="bar chart (default: runtime.png beside the .tflite)")
+    return rt
 
-    try:
+
+def runtime_main(argv: list[str] | None = None, prog: str = "validate runtime") -> int:
+    args = runtime_parser(prog).parse_args(argv)
+
+    def body() -> int:
+        from common.files import check_writable_file, write_json
+        from export.runner import RUNTIMES
+        from validate.runtime import format_runtime_table, plot_runtime, run_runtime
+
         threads = _int_list(args.threads, "threads")
         modes = tuple(n == "on" for n in _choices(args.xnnpack, "xnnpack", ("on", "off")))
         runtimes = _choices(args.runtime, "runtime", RUNTIMES)
-        if args.runs < 1 or args.warmup < 0:
-            raise UserError("--runs must be >= 1 and --warmup >= 0")
         folder = Path(args.tflite).resolve().parent
         json_path = Path(args.json) if args.json else folder / "runtime.json"
         png_path = Path(args.png) if args.png else folder / "runtime.png"
         for path in (json_path, png_path):
-            ensure_writable_dir(path.resolve().parent)
+            check_writable_file(path)
         print(f"Runtime of the export of {args.tflite}:")
         result = run_runtime(args.tflite, threads, modes, args.runs, args.warmup,
                              memory=not args.no_memory, runtimes=runtimes)
-    except UserError as exc:
-        print(f"validate: error: {exc}", file=sys.stderr)
-        return 2
-    print(format_runtime_table(result))
-    write_json(json_path, result)
-    plot_runtime(result, png_path)
-    print(f"Wrote {json_path} and {png_path}")
-    return 0
+        print(format_runtime_table(result))
+        write_json(json_path, result)
+        plot_runtime(result, png_path)
+        print(f"Wrote {json_path} and {png_path}")
+        return 0
+
+    return run_command(prog, body)
+
+
+def quality_parser(prog: str = "validate quality") -> argparse.ArgumentParser:
+    qual = _parser(
+        prog, "Score the PyTorch model, each TFLite variant, the input itself and a classical "
+              "thin-lens render against the bokeh photos of a paired folder (EBB! layout: "
+              "DIR/original/NAME.jpg and DIR/bokeh/NAME.jpg). Prints a Markdown table "
+              "Model | PSNR | SSIM | LPIPS. Exit 0, or 2 on bad input.",
+        f"  {prog} --data EBB/Val294 --tflite build/export/bokeh_fp32.tflite\n"
+        f"  {prog} --data EBB/Val294 --checkpoint nafnet.pt --dpt-weights dpt_hybrid_384.pt")
+    qual.add_argument("--data", required=True, help="paired folder (original/ and bokeh/)")
+    qual.add_argument("--tflite", action="append", default=[],
+                      help="fused bokeh_*.tflite to score (repeat for several variants); the "
+                           "PyTorch row then uses the first one's weights and size")
+    qual.add_argument("--checkpoint", help="NAFNet checkpoint for the PyTorch row")
+    qual.add_argument("--dpt-weights", help="MiDaS DPT file, with --checkpoint and no --tflite")
+    qual.add_argument("--allow-random-dpt", action="store_true",
+                      help="with --checkpoint and no --dpt-weights: random depth (meaningless)")
+    qual.add_argument("--lpips-weights", nargs="+", metavar="FILE",
+                      help="local LPIPS weights: torchvision AlexNet (features.*) and the LPIPS "
+                           "v0.1 heads (lin0-4), one file or several; without: LPIPS n/a")
+    qual.add_argument("--limit", type=positive_int, help="score only the first N pairs")
+    qual.add_argument("--json", help="also write the full result (per pair) to this JSON file")
+    return qual
+
+
+def quality_main(argv: list[str] | None = None, prog: str = "validate quality") -> int:
+    args = quality_parser(prog).parse_args(argv)
+
+    def body() -> int:
+        from common.files import check_writable_file, write_json
+        from validate.quality import evaluate, format_table
+
+        if args.json:
+            check_writable_file(args.json)
+        result = evaluate(args.data, args.tflite, args.checkpoint, args.dpt_weights,
+                          args.allow_random_dpt, args.limit, args.lpips_weights)
+        print(format_table(result))
+        if args.json:
+            write_json(args.json, result)
+        return 0
+
+    return run_command(prog, body)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
-    if args.command == "quality":
-        return quality_main(args)
-    if args.command == "runtime":
-        return runtime_main(args)
-    from common.errors import CheckpointError, UserError
-    from common.files import write_json
-    from export.pipeline import record_parity
-    from validate.parity import format_table, read_manifest, run_parity
+    """`validate <verb>`: the validators' verbs of `bokeh`, under their first name."""
+    import importlib
 
-    try:
-        if args.json:
-            from common.files import ensure_writable_dir
-
-            ensure_writable_dir(Path(args.json).resolve().parent)
-        print(f"Parity of {args.tflite} against PyTorch:")
-        result = run_parity(args.tflite, args.checkpoint, args.images, args.atol,
-                            args.num_random, tflite_only=args.tflite_only)
-    except (UserError, CheckpointError) as exc:
-        print(f"validate: error: {exc}", file=sys.stderr)
-        return 2
-    print(format_table(result))
-    if args.json:
-        write_json(args.json, result)
-    manifest, folder = read_manifest(args.tflite)
-    if (folder / manifest.get("report", "")).is_file() and not args.checkpoint:
-        record_parity(folder / manifest["report"], result["tflite"], result)
-    return 0 if result["passed"] else 1
-
-
-def quality_main(args: argparse.Namespace) -> int:
-    from common.errors import CheckpointError, UserError
-    from common.files import ensure_writable_dir, write_json
-    from validate.quality import evaluate, format_table
-
-    try:
-        if args.json:
-            ensure_writable_dir(Path(args.json).resolve().parent)
-        result = evaluate(args.data, args.tflite, args.checkpoint, args.dpt_weights,
-                          args.allow_random_dpt, args.limit, args.lpips_weights)
-    except (UserError, CheckpointError) as exc:
-        print(f"validate: error: {exc}", file=sys.stderr)
-        return 2
-    print(format_table(result))
-    if args.json:
-        write_json(args.json, result)
-    return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
+        print(f"usage: validate <verb> [options]   verbs: {', '.join(VERBS)}\n"
+              "(validate <verb> --help for its options; `bokeh` has these and more)",
+              file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"validate: error: unknown verb {argv[0]!r}", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module, name = VERBS[argv[0]].split(":")
+    return getattr(importlib.import_module(module), name)(argv[1:], prog=f"validate {argv[0]}")
 
 
 if __name__ == "__main__":

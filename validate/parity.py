@@ -18,35 +18,18 @@ import numpy as np
 import torch
 
 from common.errors import UserError
-from common.files import read_json
 from common.images import fit_to_size, list_images, load_rgb
+from common.metrics import psnr
+from export.manifest import TOLERANCE, read_manifest
+from export.runner import TFLiteRunner
 from models.nafnet import load_nafnet, random_nafnet
 from models.pipeline import BokehPipeline
 
-PSNR_CAP = 200.0  # reported when outputs are identical (infinite PSNR does not fit in JSON)
 
 @dataclass
 class ParityInput:
     label: str
     value: np.ndarray  # NHWC float32 [1, H, W, C]
-
-
-def read_manifest(tflite: str | Path) -> tuple[dict, Path]:
-    """The manifest written next to a .tflite by the export, and the folder it lives in."""
-    tflite = Path(tflite)
-    if not tflite.is_file():
-        raise UserError(f"{tflite}: no such TFLite file")
-    manifest_path = tflite.with_suffix(".manifest.json")
-    if not manifest_path.is_file() and tflite.stem.endswith("_flex"):
-        manifest_path = tflite.with_name(tflite.stem.removesuffix("_flex") + ".manifest.json")
-    if not manifest_path.is_file():
-        raise UserError(f"{tflite}: no manifest ({manifest_path.name}) beside it; "
-                        "was it written by bokeh-export?")
-    manifest = read_json(manifest_path)
-    for key in ("model", "inputs", "outputs", "stages"):
-        if key not in manifest:
-            raise UserError(f"{manifest_path}: manifest has no '{key}' entry")
-    return manifest, manifest_path.parent
 
 
 def reference_model(manifest: dict, checkpoint: str | Path | None = None) -> torch.nn.Module:
@@ -120,7 +103,7 @@ def stage_runner(stage: dict, folder: Path) -> Callable[[np.ndarray], dict[str, 
         def run(x):
             return dict(zip(names, session.run(None, {name: x}), strict=True))
     elif engine == "saved_model":
-        from export.tf_stages import quiet_tensorflow
+        from common.quiet import quiet_tensorflow
 
         fn = quiet_tensorflow().saved_model.load(str(path)).signatures["serving_default"]
         (in_name,) = fn.structured_input_signature[1].keys()
@@ -136,16 +119,7 @@ def stage_runner(stage: dict, folder: Path) -> Callable[[np.ndarray], dict[str, 
         def run(x):
             return dict(zip(outs, run_frozen_graph(path, {in_name: x}, outs), strict=True))
     elif engine == "tflite":
-        from export.tflite_stage import make_interpreter
-
-        interpreter = make_interpreter(path)
-        inp = interpreter.get_input_details()[0]
-        outs = interpreter.get_output_details()
-
-        def run(x):
-            interpreter.set_tensor(inp["index"], x)
-            interpreter.invoke()
-            return {d["name"]: interpreter.get_tensor(d["index"]).copy() for d in outs}
+        run = TFLiteRunner(path)
     else:
         raise UserError(f"unknown engine {engine!r} for stage {stage['name']}")
     if nchw:
@@ -193,17 +167,13 @@ def parity_inputs(manifest: dict, images: str | Path | None, num_random: int = 2
 
 def compare(reference: np.ndarray, output: np.ndarray) -> dict:
     diff = np.abs(reference.astype(np.float64) - output.astype(np.float64))
-    mse = float(np.mean(diff**2))
-    psnr = PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(1.0 / mse))
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-            "psnr_db": round(psnr, 2)}
+            "psnr_db": round(psnr(reference, output), 2)}
 
 
 def stage_tolerance(stage: dict, manifest: dict, atol: float | None) -> dict[str, dict]:
     """Per output: the TFLite file's manifest tolerance; fp32 defaults for earlier stages;
     ``--atol`` replaces every absolute bound."""
-    from export.pipeline import TOLERANCE
-
     if stage["engine"] == "tflite":
         tol = manifest["tolerance"]
     else:

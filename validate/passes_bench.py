@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from common.cli import positive_int, run_command
 from common.errors import UserError
-from common.files import read_json, write_json
+from common.files import check_writable_file, read_json, write_json
 
 
 def build_prefix(sim_onnx: Path, k: int, folder: Path, input_shape_nhwc: tuple[int, ...]
@@ -42,28 +43,32 @@ def build_prefix(sim_onnx: Path, k: int, folder: Path, input_shape_nhwc: tuple[i
     return tflite_stage.to_tflite(frozen, spec, dest)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m validate.passes_bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--export", default="build/export", help="export folder (%(default)s)")
+def main(argv: list[str] | None = None, prog: str = "bokeh passes") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"example:\n  {prog} --export-dir build/export")
+    p.add_argument("--export-dir", "--export", dest="export_dir", default="build/export",
+                   help="export folder (%(default)s; --export is the old name)")
     p.add_argument("--out", default="build/passes", help="where variants go (%(default)s)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--runs", type=positive_int, default=5)
     p.add_argument("--build-only", action="store_true", help="build the variants, time nothing")
     p.add_argument("--json", help="result file (default: OUT/passes.json)")
     args = p.parse_args(argv)
+    return run_command(prog, lambda: _run(args))
+
+
+def _run(args) -> int:
     from export.rewrites import PASSES
     from validate.profile import delegate_coverage
     from validate.runtime import tflite_engine, time_interleaved, torch_engine
 
-    try:
-        manifest = read_json(Path(args.export) / "nafnet_fp32.manifest.json")
-        sim = Path(args.export) / "nafnet_sim.onnx"
-        if not sim.is_file():
-            raise UserError(f"{sim}: no such file; run the export first")
-    except UserError as exc:
-        print(f"passes_bench: error: {exc}", file=sys.stderr)
-        return 2
+    manifest = read_json(Path(args.export_dir) / "nafnet_fp32.manifest.json")
+    sim = Path(args.export_dir) / "nafnet_sim.onnx"
+    if not sim.is_file():
+        raise UserError(f"{sim}: no such file; run the export first")
+    if args.json:
+        check_writable_file(args.json)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shape = tuple(manifest["inputs"][0]["shape"])
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for k, path in enumerate(paths):
         s = stats[names[k]]
-        from export.tflite_stage import inspect_tflite
+        from export.tflite_info import inspect_tflite
 
         info = inspect_tflite(path)
         cov = delegate_coverage(path, args.threads)

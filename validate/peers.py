@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from common.cli import positive_int, run_command
 from common.errors import UserError
 from common.files import read_json, write_json
-from export.tflite_stage import RUNTIMES, runtime_label
+from export.runner import RUNTIMES, runtime_label
 
 ONNX2TF_VERSION = "1.29.24"
 PAUSE_S = 0.5  # idle gap before each timed call (see validate.runtime.time_interleaved)
@@ -57,7 +58,7 @@ def _nhwc_runner(path: Path, threads: int, in_shape: list[int], out_shape: list[
     onnx2tf makes the input NHWC but may keep an NCHW output; a transpose outside the timed
     interpreter call would bill our side, so it is applied to the returned array only.
     """
-    from export.tflite_stage import make_interpreter
+    from export.runner import make_interpreter
     from validate.runtime import tflite_engine
 
     run = tflite_engine(path, threads, runtime=runtime)
@@ -137,21 +138,23 @@ def format_peers(result: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m validate.peers", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--export", default="build/export", help="our export folder (%(default)s)")
+def main(argv: list[str] | None = None, prog: str = "bokeh peers") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"example:\n  {prog} --export-dir build/export")
+    p.add_argument("--export-dir", "--export", dest="export_dir", default="build/export",
+                   help="our export folder (%(default)s; --export is the old name)")
     p.add_argument("--peers", default="build/peers", help="peer outputs (%(default)s)")
     p.add_argument("--venv", default=".venv-peers", help="onnx2tf's environment (%(default)s)")
     p.add_argument("--baseline", help="also time this TFLite (e.g. one built without rewrites)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--runs", type=positive_int, default=5)
     p.add_argument("--doc", default="docs/benchmarks.md", help="markdown to update")
     args = p.parse_args(argv)
     from validate.bench import publish_section
 
-    try:
-        export = Path(args.export)
+    def body() -> int:
+        export = Path(args.export_dir)
         for name in ("nafnet_fp32.manifest.json", "nafnet_sim.onnx", "nafnet_fp32.tflite"):
             if not (export / name).is_file():
                 raise UserError(f"{export / name}: no such file; run `make export` first")
@@ -159,14 +162,13 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{args.baseline}: no such TFLite file")
         result = bench_peers(export, Path(args.peers), Path(args.venv), args.threads, args.runs,
                              Path(args.baseline) if args.baseline else None)
-    except UserError as exc:
-        print(f"bench-peers: error: {exc}", file=sys.stderr)
-        return 2
-    write_json(Path(args.peers) / "peers.json", result)
-    argv = sys.argv[1:] if argv is None else argv
-    command = f"python -m validate.peers {' '.join(argv)}" if argv else "make bench-peers"
-    publish_section(args.doc, "peers", format_peers(result, command))
-    return 0
+        write_json(Path(args.peers) / "peers.json", result)
+        given = sys.argv[1:] if argv is None else argv
+        command = f"bokeh peers {' '.join(given)}" if given else "make bench-peers"
+        publish_section(args.doc, "peers", format_peers(result, command))
+        return 0
+
+    return run_command(prog, body)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import numpy as np
 
 def delegate_coverage(path: str | Path, threads: int = 2, runtime: str = "tensorflow") -> dict:
     """Ops per type inside and outside XNNPACK, and the number of delegate partitions."""
-    from export.tflite_stage import make_interpreter
+    from export.runner import make_interpreter
 
     interpreter = make_interpreter(path, threads, xnnpack=True, runtime=runtime)
     ops = interpreter._get_ops_details()
@@ -49,7 +49,7 @@ def _allocated(interpreter, index: int) -> bool:
 
 def op_costs(path: str | Path) -> list[dict]:
     """Per op: type, bytes read and written (fp32 activations and weights), multiply-adds."""
-    from export.tflite_stage import make_interpreter
+    from export.runner import make_interpreter
 
     interpreter = make_interpreter(path, 1, xnnpack=False)
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
@@ -133,7 +133,7 @@ def profile(path: str | Path, threads: int = 2, latency_s: float | None = None) 
                       "gflop": round(2 * e["macs"] / 1e9, 2), "lower_bound_s": round(bound, 4)})
     total_bytes = sum(e["bytes"] for e in by_type.values())
     total_flop = 2 * sum(e["macs"] for e in by_type.values())
-    from export.tflite_stage import RUNTIMES, runtime_label
+    from export.runner import RUNTIMES, runtime_label
 
     coverage = {runtime_label(r): delegate_coverage(path, threads, r) for r in RUNTIMES}
     result = {"tflite": Path(path).name, "limits": limits, "coverage": coverage, "ops": table,
@@ -175,21 +175,28 @@ def format_profile(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "bokeh profile") -> int:
     import argparse
-    import sys
 
-    p = argparse.ArgumentParser(prog="python -m validate.profile", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from common.cli import positive_float, positive_int, run_command
+    from export.runner import verify_tflite
+
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"example:\n  {prog} --tflite build/export/bokeh_fp32.tflite"
+                                )
     p.add_argument("--tflite", required=True)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--latency", type=float, help="measured median seconds, for achieved rates")
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--latency", type=positive_float,
+                   help="measured median seconds, for achieved rates")
     args = p.parse_args(argv)
-    if not Path(args.tflite).is_file():
-        print(f"profile: error: {args.tflite}: no such TFLite file", file=sys.stderr)
-        return 2
-    print(format_profile(profile(args.tflite, args.threads, args.latency)))
-    return 0
+
+    def body() -> int:
+        verify_tflite(args.tflite)
+        print(format_profile(profile(args.tflite, args.threads, args.latency)))
+        return 0
+
+    return run_command(prog, body)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ maps the result back to the original's size, and scores it against the bokeh pho
   the PyTorch depth net's mask: a non-learned baseline;
 - "PyTorch": the reference pipeline (DPT + NAFNet);
 - one row per TFLite variant given.
-SSIM follows DESIGN.md section 5 (11x11 Gaussian window, sigma 1.5, C1 = 0.01^2, C2 = 0.03^2);
-LPIPS (AlexNet, v0.1) is computed only from local weight files (validate/lpips.py).
+SSIM follows docs/design.md, section 5 (11x11 Gaussian window, sigma 1.5, C1 = 0.01^2, C2 = 0.03^2);
+LPIPS (AlexNet, v0.1) is computed only from local weight files (models/lpips.py).
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import UserError
-from common.images import IMAGE_SUFFIXES, load_rgb
-from tools.images import resize
+from common.images import IMAGE_SUFFIXES, load_rgb, resize
 
 LPIPS_UNAVAILABLE = "LPIPS: unavailable (no --lpips-weights)"
 PSNR_CAP = 100.0
@@ -79,31 +78,6 @@ def classical_render(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.clip(render_bokeh(rgb, mask), 0.0, 1.0).astype(np.float32)
 
 
-class ReferenceRenderer:
-    """The PyTorch reference of a fused export, at the export's static size."""
-
-    def __init__(self, tflite: str | Path, checkpoint: str | Path | None = None):
-        from validate.parity import read_manifest, reference_pipeline
-
-        manifest, _ = read_manifest(tflite)
-        if manifest["model"] != "bokeh":
-            raise UserError(f"{tflite}: is not a fused bokeh model; quality needs photo-in models")
-        self.pipeline = reference_pipeline(manifest, checkpoint)
-        self.size = tuple(int(d) for d in manifest["inputs"][0]["shape"][1:3])
-        weights = manifest.get("weights", {})
-        name = Path(checkpoint or weights.get("checkpoint") or "").name
-        self.label = f"PyTorch ({name or 'random weights'})"
-        self.warnings = list(manifest.get("warnings", [])) if checkpoint is None else []
-
-    def __call__(self, photo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
-        x = torch.from_numpy(np.ascontiguousarray(photo.transpose(2, 0, 1)))[None]
-        with torch.no_grad():
-            bokeh, mask = self.pipeline(x)
-        return bokeh[0].numpy().transpose(1, 2, 0), mask[0, 0].numpy()
-
-
 def evaluate(
     data: str | Path,
     tflites: Sequence[str | Path] = (),
@@ -118,12 +92,12 @@ def evaluate(
     """Score every row on every pair; the result holds per-row means and per-pair numbers."""
     from tqdm import tqdm
 
-    from tools.render import TFLiteRenderer, TorchRenderer, render
+    from validate.renderers import ReferenceRenderer, TFLiteRenderer, TorchRenderer, render
 
     pairs = list_pairs(data, limit)
     lpips = None
     if lpips_weights:
-        from validate.lpips import load_lpips
+        from models.lpips import load_lpips
 
         lpips = load_lpips(lpips_weights)
     for _, original, bokeh in pairs:  # every file checked before the long work

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.tflite_stage import RUNTIMES, make_interpreter, runtime_label
+from export.runner import RUNTIMES, TFLiteRunner, runtime_label
 
 Runner = Callable[[np.ndarray], np.ndarray]  # NHWC in, NHWC out
 
@@ -55,15 +55,10 @@ def onnx_engine(path, threads: int) -> Runner:
 
 
 def tflite_engine(path, threads: int, xnnpack: bool = True, runtime: str = "tensorflow") -> Runner:
-    interpreter = make_interpreter(path, threads, xnnpack, runtime)
-    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-
-    def run(x: np.ndarray) -> np.ndarray:
-        interpreter.set_tensor(inp["index"], x)
-        interpreter.invoke()
-        return interpreter.get_tensor(out["index"])
-
-    return run
+    """The model's first output, through the one TFLite runner (export/runner.py)."""
+    runner = TFLiteRunner(path, threads, xnnpack, runtime)
+    first = runner.outputs[0]["name"]
+    return lambda x: runner(x)[first]
 
 
 def time_interleaved(engines: dict[str, Runner], x: np.ndarray, runs: int = 5,
@@ -110,7 +105,7 @@ class EngineSpec:
     path: str = ""  # artifact for onnxruntime / tflite
     xnnpack: bool = True
     variant: str = ""
-    runtime: str = "tensorflow"  # TFLite interpreter: export.tflite_stage.RUNTIMES
+    runtime: str = "tensorflow"  # TFLite interpreter: export.runner.RUNTIMES
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -118,7 +113,7 @@ class EngineSpec:
 
 def read_export(tflite: str | Path) -> tuple[dict, Path]:
     """The manifest beside ``tflite`` (validated by validate.parity) and its folder."""
-    from validate.parity import read_manifest
+    from export.manifest import read_manifest
 
     return read_manifest(tflite)
 
@@ -237,7 +232,7 @@ def probe_memory(spec: EngineSpec, manifest: dict) -> dict:
     """
     import onnxruntime  # noqa: F401  every probe pays the same imports before the reset
 
-    from export.tf_stages import quiet_tensorflow
+    from common.quiet import quiet_tensorflow
 
     quiet_tensorflow()
 

@@ -3,7 +3,7 @@ Metric", CVPR 2018) with AlexNet, version 0.1, from local weight files only.
 
 Reference implementation: richzhang/PerceptualSimilarity (the ``lpips`` package),
 ``lpips/lpips.py`` and ``lpips/pretrained_networks.py``; written here because that package needs
-torchvision, which does not install beside this project's torch (DESIGN.md section 2).
+torchvision, which does not install beside this project's torch (docs/design.md, section 2).
 Two weight sets are needed, from one or several files:
 - AlexNet's convolutions in torchvision's layout (``features.{0,3,6,8,10}.weight/bias``, e.g.
   ``alexnet-owt-7be5be79.pth``) or as a saved LPIPS module holds them (``net.slice{k}.{i}.*``);

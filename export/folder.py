@@ -1,0 +1,126 @@
+"""An export run owns its folder: it builds everything in a staging folder beside the last
+complete export and swaps the whole set in at the end, so the folder never mixes two runs.
+
+- Each run has an id, recorded in report.json and in every manifest it writes.
+- A folder that already holds an export is replaced only with ``overwrite`` (`make export` passes
+  it); a non-empty folder that holds something else is refused, never emptied.
+- A run that fails leaves the last complete export as it was; its own files go to
+  ``failed-run/`` with report.txt saying why. A run that was killed leaves a staging folder and
+  temporary files named after its process id: the next run removes them once that process is
+  gone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from common.errors import UserError
+from common.files import ensure_writable_dir, read_json, remove_path
+
+STAGING = re.compile(r"^\.staging-(\d+)-[0-9a-f]+$")
+TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")  # common.files.atomic_path's temporary names
+LEGACY_FILES = re.compile(r"^(nafnet|bokeh|report|runtime|quant_report)[._]")  # before run ids
+FAILED = "failed-run"
+REPORT = "report.json"
+
+
+def new_run_id() -> str:
+    """Sortable by time, unique across processes: 20261130T061500-1a2b3c."""
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_leftovers(out: Path) -> list[str]:
+    """Remove staging folders and temporary files of runs whose process is gone."""
+    removed = []
+    for entry in out.iterdir():
+        match = STAGING.match(entry.name) or TEMPORARY.match(entry.name)
+        if match and not _alive(int(match.group(1))):
+            remove_path(entry)
+            removed.append(entry.name)
+    return removed
+
+
+def previous_run(out: Path) -> dict | None:
+    """The report of the export in ``out``, or None when ``out`` holds no export."""
+    report = out / REPORT
+    if not report.is_file():
+        return None
+    try:
+        data = read_json(report)
+    except UserError:
+        return None
+    return data if isinstance(data, dict) and ("run_id" in data or "stages" in data) else None
+
+
+def check(out_dir: str | Path, overwrite: bool) -> Path:
+    """``out_dir`` can take a new export (made and writable, leftovers cleaned), or UserError."""
+    out = ensure_writable_dir(out_dir)
+    clean_leftovers(out)
+    content = [e.name for e in out.iterdir() if not e.name.startswith(".")]
+    if content:
+        if previous_run(out) is None:
+            raise UserError(f"{out}: is not empty and holds no export ({', '.join(content[:3])}"
+                            f"{' ...' if len(content) > 3 else ''}); choose an empty or new "
+                            "folder")
+        if not overwrite:
+            raise UserError(f"{out}: already holds an export; pass --overwrite to replace it "
+                            "(the new set replaces the whole old one at the end)")
+    return out
+
+
+def begin(out_dir: str | Path, overwrite: bool) -> tuple[Path, Path, str]:
+    """Check ``out_dir`` again and open a staging folder in it; return (folder, staging, id)."""
+    out = check(out_dir, overwrite)
+    run_id = new_run_id()
+    staging = out / f".staging-{os.getpid()}-{run_id.rsplit('-', 1)[1]}"
+    staging.mkdir()
+    return out, staging, run_id
+
+
+def commit(out: Path, staging: Path) -> None:
+    """Replace the previous export's files by the staged set; report.json moves in last."""
+    old = previous_run(out)
+    old_files = set(old.get("files") or [p.name for p in out.iterdir()
+                                        if LEGACY_FILES.match(p.name)]) if old else set()
+    new_files = sorted(p.name for p in staging.iterdir())
+    for name in new_files:
+        if name == REPORT:
+            continue
+        remove_path(out / name)
+        os.replace(staging / name, out / name)
+    for name in old_files - set(new_files):
+        if "/" not in name and name not in ("", ".", ".."):
+            remove_path(out / name)
+    if (out / FAILED).is_dir() and previous_run(out / FAILED) is not None:
+        shutil.rmtree(out / FAILED)
+    os.replace(staging / REPORT, out / REPORT)
+    staging.rmdir()
+
+
+def abandon(out: Path, staging: Path) -> Path:
+    """Keep a failed run's files, for reading, in ``failed-run/``; the last export is intact."""
+    failed = out / FAILED
+    if failed.exists():
+        if previous_run(failed) is None and any(failed.iterdir()):
+            shutil.rmtree(staging)
+            return staging
+        remove_path(failed)
+    os.replace(staging, failed)
+    return failed

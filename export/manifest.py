@@ -1,0 +1,146 @@
+"""The manifest beside every .tflite: what the model takes and returns, where its weights came
+from, which earlier artifacts it was made from, and how closely it must match PyTorch.
+
+No later command asks the user for shapes, names or weights again: they read the manifest, and
+``read_manifest`` checks it against the file before anything trusts it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import UserError
+from common.files import read_json, write_json
+from export.runner import make_interpreter
+from export.tflite_info import TFLiteInfo, gpu_verdict, inspect_tflite
+
+MANIFEST_FORMAT = "bokehlite-manifest/1"
+# `validate parity` defaults, per model, variant and output (outputs in [0, 1]): "atol" bounds the
+# largest absolute difference, "min_psnr" the PSNR in dB against the PyTorch reference.
+TOLERANCE = {
+    "nafnet": {"fp32": {"output": {"atol": 1e-4}},
+               "fp16": {"output": {"atol": 2e-2, "min_psnr": 45.0}}},
+    "bokeh": {"fp32": {"bokeh": {"min_psnr": 60.0}, "mask": {"atol": 1e-3}},
+              "fp16": {"bokeh": {"min_psnr": 45.0}, "mask": {"atol": 5e-2}},
+              # Quantized variants: PSNR floors from measurements on held-out photos and random
+              # inputs, docs/benchmarks.md.
+              "drq": {"bokeh": {"min_psnr": 40.0}, "mask": {"min_psnr": 30.0}},
+              "int8": {"bokeh": {"min_psnr": 30.0}, "mask": {"min_psnr": 20.0}},
+              "int16x8": {"bokeh": {"min_psnr": 40.0}, "mask": {"min_psnr": 30.0}},
+              "int8-selective": {"bokeh": {"min_psnr": 30.0}, "mask": {"min_psnr": 20.0}}},
+}
+DESCRIPTIONS = {
+    "nafnet": {"input": "photo RGB + depth mask, NHWC, values in [0, 1]",
+               "output": "bokeh RGB, NHWC, about [0, 1] (not clipped)"},
+    "bokeh": {"photo": "photo RGB, NHWC, values in [0, 1]",
+              "bokeh": "bokeh RGB, NHWC, clipped to [0, 1]",
+              "mask": "depth mask from the depth net, NHWC, per-image min-max to [0, 1] "
+                      "(1 = near)"},
+}
+REQUIRED = ("model", "variant", "inputs", "outputs", "stages", "tolerance")
+
+
+def manifest_path(tflite: str | Path) -> Path:
+    """``X.manifest.json`` beside ``X.tflite`` (a ``*_flex.tflite`` shares its builtin twin's)."""
+    tflite = Path(tflite)
+    path = tflite.with_suffix(".manifest.json")
+    if not path.is_file() and tflite.stem.endswith("_flex"):
+        path = tflite.with_name(tflite.stem.removesuffix("_flex") + ".manifest.json")
+    return path
+
+
+def variant_summary(info: TFLiteInfo) -> dict:
+    """What report.json keeps of one .tflite: size, ops, Flex ops, rank, GPU-ready verdict."""
+    ready, reasons = gpu_verdict(info)
+    return {
+        "tflite": Path(info.path).name, "bytes": info.size_bytes, "ops": info.op_histogram,
+        "flex_ops": info.flex_ops, "max_rank": info.max_rank,
+        "gpu_compatible": ready, "gpu_messages": (reasons or info.gpu_messages)[:5],
+    }
+
+
+def write_manifest(tflite: Path, variant: str, base: dict, extra: dict | None = None) -> dict:
+    """Write ``tflite``'s manifest (``base`` plus what the file itself says); return the
+    report.json summary of the file."""
+    descriptions = DESCRIPTIONS[base["model"]]
+    info = inspect_tflite(tflite)
+    summary = variant_summary(info)
+    manifest = {
+        **base, "variant": variant, "tflite": tflite.name,
+        "inputs": [_io_entry(t, descriptions.get(t["name"], "")) for t in info.inputs],
+        "outputs": [_io_entry(t, descriptions.get(t["name"], "")) for t in info.outputs],
+        "tolerance": TOLERANCE[base["model"]][variant],
+        "flex_ops": info.flex_ops, "max_rank": info.max_rank,
+        "gpu_compatible": summary["gpu_compatible"], "gpu_reasons": summary["gpu_messages"],
+        **(extra or {}),
+    }
+    write_json(manifest_path(tflite), manifest)
+    return summary
+
+
+def _io_entry(tensor: dict, description: str) -> dict:
+    return {**tensor, "layout": "NHWC", "range": [0.0, 1.0], "description": description}
+
+
+def read_manifest(tflite: str | Path) -> tuple[dict, Path]:
+    """The manifest beside ``tflite``, checked against the file, and the folder it lives in.
+
+    Every way a manifest can disagree with its model (a missing key, a tolerance that is not a
+    number, inputs or outputs of other names, shapes or dtypes) is one ``UserError`` line.
+    """
+    tflite = Path(tflite)
+    if not tflite.is_file():
+        raise UserError(f"{tflite}: no such TFLite file")
+    path = manifest_path(tflite)
+    if not path.is_file():
+        raise UserError(f"{tflite}: no manifest ({path.name}) beside it; was it written by "
+                        "bokeh-export?")
+    manifest = read_json(path)
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: not a manifest (a JSON object expected)")
+    missing = [k for k in REQUIRED if manifest.get(k) is None]
+    if missing:
+        raise UserError(f"{path}: manifest has no {', '.join(map(repr, missing))}")
+    if manifest["model"] not in TOLERANCE:
+        raise UserError(f"{path}: unknown model {manifest['model']!r}; expected one of "
+                        f"{', '.join(TOLERANCE)}")
+    _check_tolerance(path, manifest)
+    if not tflite.stem.endswith("_flex"):
+        _check_io(path, manifest, tflite)
+    return manifest, path.parent
+
+
+def _check_tolerance(path: Path, manifest: dict) -> None:
+    tol = manifest["tolerance"]
+    names = [o.get("name") for o in manifest["outputs"] if isinstance(o, dict)]
+    if not isinstance(tol, dict) or not tol:
+        raise UserError(f"{path}: 'tolerance' must map output names to bounds, got {tol!r}")
+    for name, bounds in tol.items():
+        if name not in names:
+            raise UserError(f"{path}: tolerance for {name!r}, which is not an output {names}")
+        if not isinstance(bounds, dict) or not bounds or any(
+                k not in ("atol", "min_psnr") or isinstance(v, bool)
+                or not isinstance(v, int | float) or not math.isfinite(v)
+                for k, v in bounds.items()):
+            raise UserError(f"{path}: tolerance of {name!r} must be finite 'atol' and/or "
+                            f"'min_psnr' numbers, got {bounds!r}")
+
+
+def _check_io(path: Path, manifest: dict, tflite: Path) -> None:
+    interpreter = make_interpreter(tflite, allocate=False)
+    for kind, details in (("inputs", interpreter.get_input_details()),
+                          ("outputs", interpreter.get_output_details())):
+        actual = [(d["name"], [int(s) for s in d["shape"]], np.dtype(d["dtype"]).name)
+                  for d in details]
+        try:
+            claimed = [(t["name"], [int(s) for s in t["shape"]], t["dtype"])
+                       for t in manifest[kind]]
+        except (TypeError, KeyError, ValueError):
+            raise UserError(f"{path}: malformed {kind!r} entries (name, shape, dtype "
+                            "expected)") from None
+        if claimed != actual:
+            raise UserError(f"{path}: {kind} {claimed} do not match {tflite.name} {actual}; "
+                            "the manifest belongs to another file (re-export)")

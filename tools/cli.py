@@ -1,0 +1,160 @@
+"""`bokeh <verb>`: every command of the toolchain behind one entry point.
+
+The verbs are thin layers over the packages (export, calibration, validate, tools, train); the
+older names stay as aliases: `bokeh-export` is `bokeh export`, `validate <verb>` is
+`bokeh <verb>`, and `python -m tools.render` (and the other modules) still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from common.cli import non_negative_int, positive_int, run_command
+from common.errors import UserError
+
+# verb -> (module whose main(argv, prog) runs it, one line of help)
+COMMANDS = {
+    "export": ("tools.cli:export_main",
+               "PyTorch -> ONNX -> TensorFlow -> TFLite, depth net fused in; manifests, report"),
+    "parity": ("validate.cli:parity_main", "diff every exported stage against PyTorch"),
+    "runtime": ("validate.cli:runtime_main", "latency and memory of every engine of an export"),
+    "quality": ("validate.cli:quality_main", "PSNR / SSIM / LPIPS on a paired folder"),
+    "bench": ("validate.bench:main", "the make bench tables into docs/benchmarks.md"),
+    "peers": ("validate.peers:main", "against onnx2tf: latency and exactness (make bench-peers)"),
+    "passes": ("validate.passes_bench:main", "each export rewrite pass, timed"),
+    "profile": ("validate.profile:main", "op costs and delegate coverage of a .tflite"),
+    "quant-report": ("validate.quant_report:main",
+                     "accuracy, size, latency of the quantized variants; int8 layer analysis"),
+    "render": ("tools.render:main", "bokeh PNGs of photos from the phone model or PyTorch"),
+    "inspect": ("tools.inspect:main", "what a .tflite holds and whether a phone GPU takes it"),
+    "ai-benchmark": ("tools.ai_benchmark:main", "a checked bundle for the AI Benchmark app"),
+    "train": ("train.trainer:main", "the paper's two training stages"),
+}
+
+
+def _entry(target: str):
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    width = max(map(len, COMMANDS))
+    listing = "\n".join(f"  {verb:<{width}}  {text}" for verb, (_, text) in COMMANDS.items())
+    usage = (f"usage: bokeh <verb> [options]   (bokeh <verb> --help for its options)\n\n"
+             f"verbs:\n{listing}\n\nexamples:\n  bokeh export --height 512 --width 768\n"
+             "  bokeh parity --tflite build/export/bokeh_fp32.tflite\n"
+             "  bokeh render photo.jpg --compare --out renders\n")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0 if argv else 2
+    verb, rest = argv[0], argv[1:]
+    if verb not in COMMANDS:
+        print(f"bokeh: error: unknown verb {verb!r}; one of {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        return 2
+    return _entry(COMMANDS[verb][0])(rest, prog=f"bokeh {verb}")
+
+
+def build_export_parser(prog: str = "bokeh export") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Export NAFNet PyTorch -> ONNX -> TensorFlow -> TFLite, fuse it with the "
+                    "TensorFlow depth net into one photo -> bokeh model, and convert both to "
+                    "TFLite (fp32 for the CPU, fp16 for the GPU delegate, drq and int8 "
+                    "calibrated), builtin ops only, with a manifest per model and report.json.",
+        epilog="examples:\n  bokeh export --height 512 --width 768 --overwrite\n"
+               "  bokeh export --checkpoint build/train/nafnet.pt --dpt-weights "
+               "dpt_hybrid_384.pt\n  bokeh export --no-fuse --variants fp32\n"
+               "next: bokeh parity --tflite EXPORT_DIR/bokeh_fp32.tflite")
+    p.add_argument("--export-dir", "--out", dest="export_dir", default="build/export",
+                   help="export folder (default: %(default)s; --out is the old name)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the export already in the folder (the whole set, at the end)")
+    p.add_argument("--height", type=positive_int, default=1024,
+                   help="static input height, a multiple of 16 (%(default)s)")
+    p.add_argument("--width", type=positive_int, default=1536,
+                   help="static input width, a multiple of 16 (%(default)s)")
+    p.add_argument("--checkpoint", help="NAFNet checkpoint (.pth/.pt); default: random weights")
+    p.add_argument("--dpt-weights", help="MiDaS v3.0 DPT file (dpt_hybrid_384.pt or "
+                   "dpt_large_384.pt); default: random weights, meaningless depth")
+    p.add_argument("--dpt-variant", default="hybrid", choices=("hybrid", "large", "tiny"),
+                   help="random DPT to use without --dpt-weights (default %(default)s; tiny is "
+                        "a small test model)")
+    p.add_argument("--dpt-short-side", type=positive_int, default=384,
+                   help="short side of the DPT input, a multiple of 32 (default %(default)s)")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="export NAFNet alone (photo + mask in), no depth net")
+    p.add_argument("--variants", default="fp32,fp16",
+                   help="comma-separated TFLite variants (default: %(default)s)")
+    p.add_argument("--quant-variants", default="drq,int8",
+                   help="quantized variants of the fused model (drq, int8, int16x8), "
+                        "comma-separated, '' for none (default: %(default)s; int16x8 is kept "
+                        "only where the TFLite runtime can run it)")
+    p.add_argument("--calib-dir", help="folder of photos to calibrate int8 on (e.g. EBB! "
+                   "originals); default: the embedded set (calibration/dataset.py)")
+    p.add_argument("--calib-samples", type=positive_int, default=8,
+                   help="calibration samples, crops and flips fill up (default %(default)s; "
+                        "about a minute each at 1024x1536 with DPT-Hybrid)")
+    p.add_argument("--opset", type=int, default=12,
+                   help="ONNX opset, 12-15 (default %(default)s: keeps Split builtin in TFLite)")
+    p.add_argument("--allow-flex", action="store_true",
+                   help="keep going with a *_flex.tflite if builtin ops do not suffice")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of the random weights (%(default)s)")
+    return p
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def export_main(argv: list[str] | None = None, prog: str = "bokeh export") -> int:
+    """`bokeh export`: export.pipeline with calibration data from calibration/."""
+    args = build_export_parser(prog).parse_args(argv)
+
+    def body() -> int:
+        from calibration.dataset import calibration_set
+        from export.pipeline import check_size, export
+        from export.quantize import QUANT_VARIANTS
+        from export.tflite_stage import FlexOpsRequired
+
+        check_size(args.height, args.width)
+        quant = () if args.no_fuse else _names(args.quant_variants)
+        unknown = sorted(set(quant) - set(QUANT_VARIANTS))
+        if unknown:
+            raise UserError(f"unknown quantized variant {unknown[0]!r}; expected some of "
+                            f"{', '.join(QUANT_VARIANTS)}")
+        calibration = None
+        if quant:  # before the long stages, so a bad folder fails at once
+            calibration = calibration_set(args.height, args.width, args.calib_samples,
+                                          args.calib_dir)
+        try:
+            export(
+                out_dir=args.export_dir, height=args.height, width=args.width,
+                checkpoint=args.checkpoint, dpt_weights=args.dpt_weights,
+                dpt_variant=args.dpt_variant, dpt_short_side=args.dpt_short_side,
+                fuse=not args.no_fuse, variants=_names(args.variants), quant_variants=quant,
+                calibration=calibration, opset=args.opset, allow_flex=args.allow_flex,
+                seed=args.seed, overwrite=args.overwrite,
+            )
+        except FlexOpsRequired as exc:
+            print(f"{prog}: error: {exc}. Re-run with --allow-flex to keep it.",
+                  file=sys.stderr)
+            return 1
+        model = "nafnet" if args.no_fuse else "bokeh"
+        print(f"Next: bokeh parity --tflite {args.export_dir}/{model}_fp32.tflite")
+        return 0
+
+    return run_command(prog, body)
+
+
+def export_alias() -> int:
+    """`bokeh-export`, the old name of `bokeh export`."""
+    return export_main(prog="bokeh-export")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Renderers: a photo in, its bokeh and depth mask out, from the phone model or from PyTorch.
+
+``render`` fits any photo into a renderer's static size and maps the output back
+(common/images.py), so `bokeh render`, the quality table and the docs pictures agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import UserError
+from common.images import letterbox, unletterbox
+from export.manifest import read_manifest
+from export.runner import make_interpreter
+from export.tflite_info import dynamic_dims
+
+# A photo -> (bokeh HxWx3, mask HxW), both in [0, 1], at the size the renderer was given.
+RenderFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+class TFLiteRenderer:
+    """The fused phone model (photo in; bokeh and mask out) through the TFLite interpreter."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, runtime: str = "litert"):
+        path = Path(path)
+        probe = make_interpreter(path, allocate=False)
+        inputs, outputs = probe.get_input_details(), probe.get_output_details()
+        names = {d["name"] for d in outputs}
+        if len(inputs) == 1 and int(inputs[0]["shape"][-1]) == 4:
+            raise UserError(f"{path}: is NAFNet alone (photo + depth mask in); render needs the "
+                            "fused model that computes its own mask, e.g. bokeh_fp32.tflite")
+        if len(inputs) != 1 or int(inputs[0]["shape"][-1]) != 3 or not {"bokeh",
+                                                                       "mask"} <= names:
+            raise UserError(f"{path}: not a fused bokeh model (expected one [1,H,W,3] input and "
+                            f"outputs 'bokeh' and 'mask', found {sorted(names)})")
+        dynamic = dynamic_dims(path)
+        if dynamic:
+            raise UserError(f"{path}: has a dynamic shape ({'; '.join(dynamic)}); render needs "
+                            "the static size of an exported phone model")
+        self.interpreter = make_interpreter(path, threads, runtime=runtime)
+        self.input = self.interpreter.get_input_details()[0]
+        self.outputs = {d["name"]: d["index"] for d in self.interpreter.get_output_details()}
+        self.size = tuple(int(d) for d in self.input["shape"][1:3])
+        self.label = path.name
+        self.warnings = _manifest_warnings(path)
+
+    def __call__(self, photo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.interpreter.set_tensor(self.input["index"], photo[None].astype(np.float32))
+        self.interpreter.invoke()
+        bokeh = self.interpreter.get_tensor(self.outputs["bokeh"])[0]
+        mask = self.interpreter.get_tensor(self.outputs["mask"])[0, ..., 0]
+        return np.clip(bokeh, 0.0, 1.0), mask
+
+
+def _manifest_warnings(path: Path) -> list[str]:
+    manifest = path.with_suffix(".manifest.json")
+    if not manifest.is_file():
+        return []
+    from common.files import read_json
+
+    return list(read_json(manifest).get("warnings", []))
+
+
+class TorchRenderer:
+    """The PyTorch reference pipeline: a NAFNet checkpoint and a MiDaS DPT file."""
+
+    def __init__(self, checkpoint: str | Path, dpt_weights: str | Path | None = None,
+                 allow_random_dpt: bool = False, size: tuple[int, int] | None = None,
+                 dpt_short_side: int = 384):
+        from models.dpt import DPT, random_dpt, tiny_dpt_config
+        from models.nafnet import load_nafnet
+
+        if dpt_weights is None and not allow_random_dpt:
+            raise UserError("--checkpoint needs --dpt-weights (a MiDaS file such as "
+                            "dpt_hybrid_384.pt): with a random depth net the render is "
+                            "meaningless; --allow-random-dpt to render anyway")
+        if dpt_short_side < 32 or dpt_short_side % 32:
+            raise UserError(f"--dpt-short-side {dpt_short_side} must be a positive multiple of 32")
+        self.nafnet = load_nafnet(checkpoint)
+        if self.nafnet.config["in_channels"] != 4:
+            raise UserError(f"{checkpoint}: NAFNet takes {self.nafnet.config['in_channels']} "
+                            "channels; the bokeh pipeline feeds it photo + mask (4)")
+        self.warnings = []
+        if dpt_weights is not None:
+            self.dpt = DPT.from_midas_checkpoint(dpt_weights)
+        else:
+            self.dpt = random_dpt(tiny_dpt_config("hybrid"), 0)
+            self.warnings.append("RANDOM depth net (--allow-random-dpt): the mask and the "
+                                 "render are meaningless")
+        self.size = size  # None: each photo at its own size
+        self.dpt_short_side = dpt_short_side
+        self.label = f"PyTorch {Path(checkpoint).name}"
+
+    def __call__(self, photo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        from models.dpt import dpt_input_size
+        from models.pipeline import BokehPipeline
+
+        h, w = photo.shape[:2]
+        pipeline = BokehPipeline(self.dpt, self.nafnet,
+                                 dpt_input_size(h, w, self.dpt_short_side)).eval()
+        x = torch.from_numpy(np.ascontiguousarray(photo.transpose(2, 0, 1)))[None]
+        with torch.no_grad():
+            bokeh, mask = pipeline(x)
+        return bokeh[0].numpy().transpose(1, 2, 0), mask[0, 0].numpy()
+
+
+def render(renderer: RenderFn, size: tuple[int, int] | None,
+           rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    """Bokeh and mask of one photo at its own size, and how it was fitted to the model."""
+    size = size or rgb.shape[:2]
+    fitted, where = letterbox(rgb, *size)
+    bokeh, mask = renderer(fitted)
+    return unletterbox(bokeh, where), unletterbox(mask, where), where.describe(size)
+
+
+class ReferenceRenderer:
+    """The PyTorch reference of a fused export, at the export's static size."""
+
+    def __init__(self, tflite: str | Path, checkpoint: str | Path | None = None):
+        from validate.parity import reference_pipeline
+
+        manifest, _ = read_manifest(tflite)
+        if manifest["model"] != "bokeh":
+            raise UserError(f"{tflite}: is not a fused bokeh model; quality needs photo-in models")
+        self.pipeline = reference_pipeline(manifest, checkpoint)
+        self.size = tuple(int(d) for d in manifest["inputs"][0]["shape"][1:3])
+        weights = manifest.get("weights", {})
+        name = Path(checkpoint or weights.get("checkpoint") or "").name
+        self.label = f"PyTorch ({name or 'random weights'})"
+        self.warnings = list(manifest.get("warnings", [])) if checkpoint is None else []
+
+    def __call__(self, photo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(photo.transpose(2, 0, 1)))[None]
+        with torch.no_grad():
+            bokeh, mask = self.pipeline(x)
+        return bokeh[0].numpy().transpose(1, 2, 0), mask[0, 0].numpy()
