@@ -8,8 +8,8 @@ static input size so that it converts to TFLite with builtin ops only, every ten
   emulates in PyTorch (the strided convs pad 0 before / 1 after for 3x3, 1 / 2 for 5x5 on the
   even sizes seen here), so no PAD op is needed. Depthwise convs are ``DepthwiseConv2D``.
 - Each fusion block's 1x1 ``out_conv`` runs before its bilinear x2 upsampling, on a quarter of
-  the pixels (and, with ``expand``, on twice the channels it outputs): both are linear and the
-  bilinear weights sum to one, so the order does not change the result beyond float rounding.
+  the pixels (and, with ``expand``, the upsampling then moves half the channels): both are linear
+  and the bilinear weights sum to one, so the order does not change the result beyond rounding.
 - Bilinear x2 upsampling is ``resize_bilinear`` with align_corners=True in the fusion blocks and
   half-pixel centres in the head (PyTorch align_corners=False): both are builtin RESIZE_BILINEAR.
 - ``scratch.refinenet4.resConfUnit1`` and the BatchNorm ``num_batches_tracked`` counters are
