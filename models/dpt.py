@@ -393,7 +393,10 @@ class ResidualConvUnit(nn.Module):
 
 
 class FeatureFusionBlock(nn.Module):
-    """Add the refined skip, refine, upsample x2 (bilinear, align_corners=True), 1x1 conv."""
+    """Add the refined skip, refine, upsample x2 (bilinear, align_corners=True), 1x1 conv.
+
+    ``size`` replaces the x2 by an explicit output size (Depth Anything's fusion blocks).
+    """
 
     def __init__(self, features: int):
         super().__init__()
@@ -401,11 +404,13 @@ class FeatureFusionBlock(nn.Module):
         self.resConfUnit1 = ResidualConvUnit(features)
         self.resConfUnit2 = ResidualConvUnit(features)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None,
+                size: tuple[int, int] | None = None) -> torch.Tensor:
         if skip is not None:
             x = x + self.resConfUnit1(skip)
         x = self.resConfUnit2(x)
-        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+        resize = dict(scale_factor=2) if size is None else dict(size=tuple(size))
+        x = F.interpolate(x, **resize, mode="bilinear", align_corners=True)
         return self.out_conv(x)
 
 

@@ -138,10 +138,12 @@ class ProjectReadout(layers.Layer):
         return tf.nn.gelu(tokens + readout + self.bias, approximate=False)
 
 
-def upsample2x(x: tf.Tensor) -> tf.Tensor:
-    """Bilinear x2 with align_corners=True (MiDaS), which converts to builtin RESIZE_BILINEAR."""
+def upsample2x(x: tf.Tensor, size: tuple[int, int] | None = None) -> tf.Tensor:
+    """Bilinear x2 (or to ``size``) with align_corners=True (MiDaS), which converts to builtin
+    RESIZE_BILINEAR."""
     _, h, w, _ = x.shape
-    return tf.compat.v1.image.resize_bilinear(x, [2 * h, 2 * w], align_corners=True)
+    size = [2 * h, 2 * w] if size is None else list(size)
+    return tf.compat.v1.image.resize_bilinear(x, size, align_corners=True)
 
 
 # --- backbone ------------------------------------------------------------------------------------
@@ -222,11 +224,12 @@ def residual_conv_unit(x: tf.Tensor, features: int, prefix: str) -> tf.Tensor:
     return y + x
 
 
-def fusion_block(x: tf.Tensor, skip: tf.Tensor | None, features: int, prefix: str) -> tf.Tensor:
+def fusion_block(x: tf.Tensor, skip: tf.Tensor | None, features: int, prefix: str,
+                 size: tuple[int, int] | None = None) -> tf.Tensor:
     if skip is not None:
         x = x + residual_conv_unit(skip, features, f"{prefix}.resConfUnit1")
     x = residual_conv_unit(x, features, f"{prefix}.resConfUnit2")
-    return upsample2x(layers.Conv2D(features, 1, name=f"{prefix}.out_conv")(x))
+    return upsample2x(layers.Conv2D(features, 1, name=f"{prefix}.out_conv")(x), size)
 
 
 def build_keras_dpt(config: DPTConfig, height: int, width: int,
