@@ -267,7 +267,7 @@ def test_small_config_parity():
 
 
 def test_tflite_builtins_only_rank_4_gpu_compatible(tmp_path, tiny_model):
-    from export.tflite_stage import gpu_compatibility
+    from export.tflite_info import gpu_compatibility
 
     h, w = 70, 98
     keras_model = keras_depth_anything_from_torch(tiny_model, h, w)

@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 tf = pytest.importorskip("tensorflow")
 
 from common.errors import CheckpointError  # noqa: E402
-from export.tflite_stage import gpu_compatibility  # noqa: E402
+from export.tflite_info import gpu_compatibility  # noqa: E402
 from models.dpt import random_dpt, tiny_dpt_config  # noqa: E402
 from models.midas_small import (  # noqa: E402
     OFFICIAL_CONFIG,
