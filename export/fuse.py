@@ -17,9 +17,14 @@ from models.pipeline import MASK_EPS
 OUTPUT_NAMES = ("bokeh", "mask")
 
 
-def fused_function(keras_dpt, nafnet_saved_model: str | Path, height: int, width: int):
-    """photo ``[1,H,W,3]`` in [0,1] -> (bokeh ``[1,H,W,3]``, mask ``[1,H,W,1]``)."""
+def fused_function(keras_dpt, nafnet_saved_model: str | Path, height: int, width: int,
+                   mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+                   std: tuple[float, ...] = (0.5, 0.5, 0.5)):
+    """photo ``[1,H,W,3]`` in [0,1] -> (bokeh ``[1,H,W,3]``, mask ``[1,H,W,1]``); the depth net
+    reads the photo normalised with its own ``mean`` and ``std``."""
     tf = quiet_tensorflow()
+    shift = tf.constant([[[[-m / s for m, s in zip(mean, std, strict=True)]]]], tf.float32)
+    scale = tf.constant([[[[1.0 / s for s in std]]]], tf.float32)
     dpt_size = tuple(int(d) for d in keras_dpt.input_shape[1:3])
     nafnet = nchw_to_nhwc_function(nafnet_saved_model, (1, height, width, 4))
 
@@ -31,7 +36,7 @@ def fused_function(keras_dpt, nafnet_saved_model: str | Path, height: int, width
 
     @tf.function(input_signature=[tf.TensorSpec([1, height, width, 3], tf.float32, name="photo")])
     def bokeh(photo):
-        disparity = keras_dpt((resize(photo, dpt_size) - 0.5) / 0.5)
+        disparity = keras_dpt(resize(photo, dpt_size) * scale + shift)
         disparity = resize(disparity, (height, width))
         low = tf.reduce_min(disparity, axis=[1, 2, 3], keepdims=True)
         high = tf.reduce_max(disparity, axis=[1, 2, 3], keepdims=True)
