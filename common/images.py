@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from common.errors import UserError
 from common.files import atomic_path
@@ -23,13 +23,15 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
-    """Read a photo as float32 HxWx3 in [0, 1]; grayscale, RGBA and corrupt files are refused."""
+    """Read a photo upright (its EXIF orientation applied, as phones store portraits) as
+    float32 HxWx3 in [0, 1]; grayscale, RGBA, corrupt and oversized files are refused."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such image file")
     try:
-        with Image.open(path) as img:
-            img.load()
+        with Image.open(path) as raw:
+            raw.load()
+            img = ImageOps.exif_transpose(raw)
             mode = img.mode
             if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
                 raise UserError(f"{path}: has an alpha channel ({mode}); give an RGB photo")
@@ -38,6 +40,8 @@ def load_rgb(path: str | Path) -> np.ndarray:
             arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
     except UserError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise UserError(f"{path}: too large to read safely ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UserError(f"{path}: not a readable image ({exc})") from None
     return arr
@@ -123,9 +127,9 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def save_png(path: str | Path, image: np.ndarray) -> Path:
-    """Write a float image in [0, 1] (or uint8) as PNG, atomically."""
+    """Write a float image in [0, 1] (or uint8 / uint16 as is) as PNG, atomically."""
     path = Path(path)
-    pixels = image if image.dtype == np.uint8 else to_uint8(image)
+    pixels = image if image.dtype in (np.uint8, np.uint16) else to_uint8(image)
     with atomic_path(path) as tmp:
         Image.fromarray(pixels).save(tmp, format="PNG", optimize=True)
     return path

@@ -49,7 +49,10 @@ def banner(text: str) -> str:
 
 def summary_text(report: dict) -> str:
     """A few lines a person reads after the export: per variant size, ops, Flex, rank, GPU."""
-    lines = [f"Export summary ({report['height']}x{report['width']}):"]
+    lines = [f"Export summary ({report['height']}x{report['width']}, run "
+             f"{report.get('run_id', '?')}):"]
+    if report.get("failed"):
+        lines.append(f"  EXPORT FAILED: {report['failed']}")
     for w in report["warnings"]:
         lines.append(f"  WARNING: {w}")
     total = sum(s["seconds"] for s in report["stages"])

@@ -170,7 +170,11 @@ def load_nafnet(path: str | Path, config: Mapping | None = None) -> NAFNet:
     saved_config = raw.get("nafnet_config") if isinstance(raw, Mapping) else None
     if config is None and isinstance(saved_config, Mapping):
         config = saved_config
-    model = NAFNet(**dict(config or PAPER_CONFIG))
+    try:
+        model = NAFNet(**dict(config or PAPER_CONFIG))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: its NAFNet config {dict(config)} does not make a NAFNet "
+                              f"({exc})") from None
     expected = set(model.state_dict())
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)

@@ -55,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bokeh: error: unknown verb {verb!r}; one of {', '.join(COMMANDS)}",
               file=sys.stderr)
         return 2
-    return _entry(COMMANDS[verb][0])(rest, prog=f"bokeh {verb}")
+    try:
+        return _entry(COMMANDS[verb][0])(rest, prog=f"bokeh {verb}")
+    except SystemExit as stop:  # argparse: usage and one error line (2), or --help (0)
+        return stop.code if isinstance(stop.code, int) else 1
 
 
 def build_export_parser(prog: str = "bokeh export") -> argparse.ArgumentParser:

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from common.images import IMAGE_SUFFIXES, load_rgb
+from common.images import IMAGE_SUFFIXES, load_rgb, save_png
 from models.dpt import dpt_input_size
 from models.pipeline import resize_bilinear
 from train.data import DataError
@@ -47,9 +46,7 @@ def write_disparity_png(path: Path, disparity: np.ndarray) -> None:
     d = disparity.astype(np.float64)
     lo, hi = d.min(), d.max()
     d = (d - lo) / (hi - lo) if hi > lo else np.zeros_like(d)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray((d * 65535 + 0.5).astype(np.uint16)).save(tmp)
-    tmp.replace(path)
+    save_png(path, (d * 65535 + 0.5).astype(np.uint16))
 
 
 def build_cache(images: Path, out: Path, predict: Predictor, overwrite: bool = False,

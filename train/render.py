@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from scipy.signal import fftconvolve
 
-from common.images import load_rgb
+from common.images import load_rgb, save_png
 
 
 def disc_kernel(radius: float) -> np.ndarray:
@@ -111,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="blur radius in pixels at a normalised disparity difference of 1")
     p.add_argument("--layers", type=int, default=24, help="number of depth layers")
     args = p.parse_args(argv)
-    from PIL import Image
 
     try:
         image = load_rgb(args.image).astype(np.float64)
@@ -128,10 +127,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{image.shape[1::-1]}", file=sys.stderr)
         return 2
     out = render_bokeh(image, disparity, args.focus, args.max_radius, args.layers)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp.png")
-    Image.fromarray((out * 255 + 0.5).astype(np.uint8)).save(tmp)
-    tmp.replace(args.out)
+    save_png(args.out, out)
     print(f"wrote {args.out}")
     return 0
 

@@ -24,6 +24,7 @@ from PIL import Image
 from skimage import data as skdata
 from skimage import draw
 
+from common.images import save_png
 from train.render import coc_radius, composite
 
 _COLOR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry",
@@ -146,14 +147,8 @@ def write_dataset(out: Path, count: int, seed: int = 0, height: int = 160, width
         sharp, bokeh, mask = make_scene(seed * 1_000_003 + i, height, width)
         name = f"{i:05d}.png"
         for sub, arr in (("input", sharp), ("target", bokeh)):
-            _save_atomic(Image.fromarray((arr * 255 + 0.5).astype(np.uint8)), out / sub / name)
-        _save_atomic(Image.fromarray((mask * 65535 + 0.5).astype(np.uint16)), out / "depth" / name)
-
-
-def _save_atomic(image: Image.Image, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp.png")
-    image.save(tmp)
-    tmp.replace(path)
+            save_png(out / sub / name, (arr * 255 + 0.5).astype(np.uint8))
+        save_png(out / "depth" / name, (mask * 65535 + 0.5).astype(np.uint16))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import random
@@ -30,11 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
+from common.cli import non_negative_int, positive_float, positive_int
 from common.errors import CheckpointError, UserError
+from common.files import atomic_path, write_bytes
+from common.images import save_png
 from common.metrics import psnr
 from models.discriminator import NLayerDiscriminator, dual_scale_critics
 from models.lpips import LPIPS, load_lpips
@@ -111,29 +114,30 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m train.train
     g.add_argument("--skip-bad", action="store_true",
                    help="skip pairs with a missing, unreadable or mis-sized file (counted in a "
                         "warning) instead of stopping")
-    g.add_argument("--synthetic-train", type=int, help="synthetic: training scenes")
-    g.add_argument("--synthetic-val", type=int, help="synthetic: held-out scenes")
-    g.add_argument("--synthetic-size", type=int, help="synthetic: scene size in pixels")
-    g.add_argument("--crop", type=int, help="random square crop for training")
-    g.add_argument("--val-crop", type=int, default=None,
+    g.add_argument("--synthetic-train", type=positive_int, help="synthetic: training scenes")
+    g.add_argument("--synthetic-val", type=positive_int, help="synthetic: held-out scenes")
+    g.add_argument("--synthetic-size", type=positive_int, help="synthetic: scene size in pixels")
+    g.add_argument("--crop", type=positive_int, help="random square crop for training")
+    g.add_argument("--val-crop", type=positive_int, default=None,
                    help="centre crop for validation (default: whole images)")
-    g.add_argument("--val-limit", type=int, default=None,
+    g.add_argument("--val-limit", type=positive_int, default=None,
                    help="validate on the first N held-out pairs only (full EBB! images are slow "
                         "on a CPU)")
-    g.add_argument("--workers", type=int, default=0, help="data loader processes per rank")
+    g.add_argument("--workers", type=non_negative_int, default=0,
+                   help="data loader processes per rank")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, help="images per step per process")
-    g.add_argument("--epochs1", type=int, help="stage-1 (bokeh losses) epochs")
-    g.add_argument("--epochs2", type=int, help="stage-2 (VGG + adversarial) epochs")
-    g.add_argument("--stage2-steps", type=int, default=None,
+    g.add_argument("--batch-size", type=positive_int, help="images per step per process")
+    g.add_argument("--epochs1", type=non_negative_int, help="stage-1 (bokeh losses) epochs")
+    g.add_argument("--epochs2", type=non_negative_int, help="stage-2 (VGG + adversarial) epochs")
+    g.add_argument("--stage2-steps", type=positive_int, default=None,
                    help="cap the steps of each stage-2 epoch (a CPU run: stage 2 is slow)")
-    g.add_argument("--lr", type=float, help="Adam learning rate, generator and critics")
-    g.add_argument("--lr2", type=float, default=None,
+    g.add_argument("--lr", type=positive_float, help="Adam learning rate, generator and critics")
+    g.add_argument("--lr2", type=positive_float, default=None,
                    help="learning rate in stage 2 (default: --lr, as in the paper)")
     g.add_argument("--betas", type=float, nargs=2, default=(0.0, 0.9), help="Adam betas")
-    g.add_argument("--gp-weight", type=float, default=1.0, help="WGAN-GP lambda")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--max-steps", type=int, default=None,
+    g.add_argument("--gp-weight", type=positive_float, default=1.0, help="WGAN-GP lambda")
+    g.add_argument("--seed", type=non_negative_int, default=0)
+    g.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many steps in total (with a checkpoint); --resume goes on")
     g = p.add_argument_group("models")
     g.add_argument("--nafnet-config", default=None,
@@ -141,7 +145,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m train.train
     g.add_argument("--no-identity-init", action="store_true",
                    help="keep NAFNet's random last conv (default: zero it, so training starts "
                         "from output = input)")
-    g.add_argument("--critic-width", type=int, help="base channels of the PatchGAN critics")
+    g.add_argument("--critic-width", type=positive_int,
+                   help="base channels of the PatchGAN critics")
     g.add_argument("--vgg-weights", type=Path, help="torchvision vgg19 weights (stage 2)")
     g.add_argument("--allow-random-vgg", action="store_true",
                    help="let stage 2 run on random VGG19 weights (smoke runs only)")
@@ -155,12 +160,13 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m train.train
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out that holds an earlier run (deletes its "
                         "checkpoints and logs)")
-    g.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (and each epoch)")
-    g.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
-    g.add_argument("--log-every", type=int, help="CSV/TensorBoard row every N steps")
-    g.add_argument("--samples", type=int, help="validation images in each PNG sample grid")
+    g.add_argument("--ckpt-every", type=positive_int,
+                   help="checkpoint every N steps (and each epoch)")
+    g.add_argument("--keep", type=positive_int, default=3, help="checkpoints to keep")
+    g.add_argument("--log-every", type=positive_int, help="CSV/TensorBoard row every N steps")
+    g.add_argument("--samples", type=positive_int, help="validation images in each PNG sample grid")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     g.add_argument("--no-tensorboard", action="store_true", help="CSV logs only")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     first, _ = p.parse_known_args(argv)
@@ -241,17 +247,38 @@ def checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob("step_*.pt"))
 
 
+RESUME_KEYS = ("config", "model", "critics", "opt_g", "opt_d", "step", "epoch", "batch_in_epoch",
+               "timing", "rng")
+
+
+def nafnet_config(text: str | None) -> dict:
+    """``--nafnet-config`` JSON as NAFNet keyword arguments (the paper's net without it)."""
+    if not text:
+        return dict(PAPER_CONFIG)
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--nafnet-config is not valid JSON ({exc})") from None
+    unknown = sorted(set(config) - set(PAPER_CONFIG)) if isinstance(config, dict) else None
+    if unknown is None or unknown:
+        raise ConfigError(f"--nafnet-config takes a JSON object with keys of "
+                          f"{sorted(PAPER_CONFIG)}; got {text!r}")
+    config = {**PAPER_CONFIG, **config}
+    try:
+        NAFNet(**config)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"--nafnet-config {text!r} does not make a NAFNet ({exc})") from None
+    return config
+
+
 def atomic_torch_save(obj: object, path: Path) -> None:
     """Write to a temp file in the same folder, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_bytes(path, text.encode())
 
 
 def gather_rng(ddp: bool, world: int) -> list[dict]:
@@ -305,7 +332,8 @@ def sample_grid(model: torch.nn.Module, dataset, count: int, device: torch.devic
 
 
 class CsvLog:
-    """Append-only CSV whose columns are fixed by the first row (resumes append)."""
+    """Append-only CSV; a row with new columns (stage 2 logs other loss terms than stage 1)
+    widens the header, so every value stays under its own column name (resumes append)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -318,10 +346,22 @@ class CsvLog:
             atomic_text(self.path, "".join(keep))
 
     def write(self, row: dict) -> None:
-        new = not self.path.exists()
+        header: list[str] = []
+        if self.path.exists():
+            with self.path.open(newline="") as f:
+                header = next(csv.reader(f), [])
+        columns = header + [k for k in row if k not in header]
+        if header and columns != header:  # rewrite once with the wider header
+            with self.path.open(newline="") as f:
+                old = list(csv.DictReader(f))
+            buffer = io.StringIO()
+            w = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
+            w.writeheader()
+            w.writerows(old)
+            atomic_text(self.path, buffer.getvalue())
         with self.path.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row), extrasaction="ignore")
-            if new:
+            w = csv.DictWriter(f, fieldnames=columns, restval="", lineterminator="\n")
+            if not header:
                 w.writeheader()
             w.writerow(row)
 
@@ -396,8 +436,8 @@ def train(cfg: argparse.Namespace) -> dict:
 
     # -- models and optimisers (the same seed on every rank: identical replicas) ----------------
     torch.manual_seed(cfg.seed)
-    nafnet_config = dict(json.loads(cfg.nafnet_config) if cfg.nafnet_config else PAPER_CONFIG)
-    model = NAFNet(**nafnet_config).to(device)
+    net_config = nafnet_config(cfg.nafnet_config)
+    model = NAFNet(**net_config).to(device)
     if not cfg.no_identity_init:  # blocks start as identities (beta = gamma = 0); zeroing the
         torch.nn.init.zeros_(model.ending.weight)  # last conv makes the whole net output = input
         torch.nn.init.zeros_(model.ending.bias)
@@ -429,15 +469,23 @@ def train(cfg: argparse.Namespace) -> dict:
             ck = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # a truncated file: atomic writes make this rare
             raise CheckpointError(f"{path}: not a readable checkpoint ({exc})") from None
+        missing = [k for k in RESUME_KEYS if not isinstance(ck, dict) or k not in ck]
+        if missing:
+            raise CheckpointError(f"{path}: not a checkpoint of this trainer (no "
+                                  f"{', '.join(missing)}); move it out of {ckpt_dir}")
         mine, theirs = config_dict(cfg), ck["config"]
         for key in RUN_IDENTITY:
             if mine.get(key) != theirs.get(key):
                 raise ConfigError(f"--resume: {key} is {mine.get(key)!r} but {path} was trained "
                                   f"with {theirs.get(key)!r}")
-        model.load_state_dict(ck["model"])
-        critics.load_state_dict(ck["critics"])
-        opt_g.load_state_dict(ck["opt_g"])
-        opt_d.load_state_dict(ck["opt_d"])
+        try:
+            model.load_state_dict(ck["model"])
+            critics.load_state_dict(ck["critics"])
+            opt_g.load_state_dict(ck["opt_g"])
+            opt_d.load_state_dict(ck["opt_d"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{path}: does not fit this run's models "
+                                  f"({one_line(exc)[:200]})") from None
         step, epoch, batch_in_epoch = ck["step"], ck["epoch"], ck["batch_in_epoch"]
         timing = ck["timing"]
         if len(ck["rng"]) == world:
@@ -456,7 +504,7 @@ def train(cfg: argparse.Namespace) -> dict:
             return None
         path = ckpt_dir / f"step_{step:08d}.pt"
         atomic_torch_save(dict(
-            model=model_raw.state_dict(), nafnet_config=nafnet_config,
+            model=model_raw.state_dict(), nafnet_config=net_config,
             critics=critics.state_dict(), opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(),
             step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, rng=states, timing=timing,
             config=config_dict(cfg), world_size=world), path)
@@ -573,9 +621,7 @@ def train(cfg: argparse.Namespace) -> dict:
             model_raw.train()
             val_log.write(dict(step=step, epoch=epoch, stage=stage, **metrics))
             grid_path = out / "samples" / f"epoch_{epoch:03d}.png"
-            tmp = grid_path.with_name(grid_path.name + ".tmp.png")
-            Image.fromarray(grid).save(tmp)
-            os.replace(tmp, grid_path)
+            save_png(grid_path, grid)
             if tb:
                 for k, v in metrics.items():
                     tb.add_scalar(f"val/{k}", v, step)
@@ -592,7 +638,7 @@ def train(cfg: argparse.Namespace) -> dict:
                          images_per_s={s: (n / t if t else None) for s, (t, n) in timing.items()})
     if master and not stopped_early:
         final = out / "nafnet.pt"
-        atomic_torch_save(dict(model=model_raw.state_dict(), nafnet_config=nafnet_config), final)
+        atomic_torch_save(dict(model=model_raw.state_dict(), nafnet_config=net_config), final)
         summary["checkpoint"] = str(final)
         if val_set is not None:
             model_raw.eval()

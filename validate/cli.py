@@ -210,7 +210,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"validate: error: unknown verb {argv[0]!r}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module, name = VERBS[argv[0]].split(":")
-    return getattr(importlib.import_module(module), name)(argv[1:], prog=f"validate {argv[0]}")
+    try:
+        return getattr(importlib.import_module(module), name)(argv[1:],
+                                                              prog=f"validate {argv[0]}")
+    except SystemExit as stop:  # argparse: usage and one error line (2), or --help (0)
+        return stop.code if isinstance(stop.code, int) else 1
 
 
 if __name__ == "__main__":
