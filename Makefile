@@ -29,32 +29,32 @@ test: $(VENV_STAMP)
 
 # The fused photo -> bokeh model (and NAFNet alone beside it), then parity of every stage.
 export: $(VENV_STAMP)
-	$(BIN)/bokeh-export --out $(OUT) --height $(HEIGHT) --width $(WIDTH) \
+	$(BIN)/bokeh export --export-dir $(OUT) --overwrite --height $(HEIGHT) --width $(WIDTH) \
 		$(if $(NAFNET_CKPT),--checkpoint $(NAFNET_CKPT)) \
 		$(if $(DPT_WEIGHTS),--dpt-weights $(DPT_WEIGHTS)) \
 		--quant-variants '$(QUANT_VARIANTS)' --calib-samples $(CALIB_SAMPLES) \
 		$(if $(CALIB_DIR),--calib-dir $(CALIB_DIR)) \
 		$(EXPORT_ARGS)
-	$(BIN)/validate parity --tflite $(OUT)/bokeh_fp32.tflite --num-random 1
-	$(BIN)/validate parity --tflite $(OUT)/bokeh_fp16.tflite --num-random 1 --tflite-only
+	$(BIN)/bokeh parity --tflite $(OUT)/bokeh_fp32.tflite --num-random 1
+	$(BIN)/bokeh parity --tflite $(OUT)/bokeh_fp16.tflite --num-random 1 --tflite-only
 	for v in drq int8 int16x8; do if [ -f $(OUT)/bokeh_$$v.tflite ]; then \
-		$(BIN)/validate parity --tflite $(OUT)/bokeh_$$v.tflite --num-random 1 --tflite-only \
+		$(BIN)/bokeh parity --tflite $(OUT)/bokeh_$$v.tflite --num-random 1 --tflite-only \
 		|| exit 1; fi; done
 	@echo "TFLite models: $$(ls $(OUT)/*.tflite | tr '\n' ' ')"
 	@echo "Report: $(OUT)/report.txt"
 
 bench: $(VENV_STAMP)
-	$(BIN)/python -m validate.bench --out $(OUT) --height $(HEIGHT) --width $(WIDTH) \
+	$(BIN)/bokeh bench --export-dir $(OUT) --height $(HEIGHT) --width $(WIDTH) \
 		--doc docs/benchmarks.md
 
 # Every engine of the export (PyTorch, onnxruntime, each TFLite at 1/2/4 threads, XNNPACK on/off):
 # table, OUT/runtime.json and OUT/runtime.png.
 bench-runtime: $(VENV_STAMP)
-	$(BIN)/validate runtime --tflite $(OUT)/nafnet_fp32.tflite
+	$(BIN)/bokeh runtime --tflite $(OUT)/nafnet_fp32.tflite
 
 # Each export rewrite pass measured: TFLite with the first k passes, timed interleaved.
 bench-passes: $(VENV_STAMP)
-	$(BIN)/python -m validate.passes_bench --export $(OUT) --out build/passes
+	$(BIN)/bokeh passes --export-dir $(OUT) --out build/passes
 
 # onnx2tf pins TensorFlow 2.19, so it gets its own environment; its TFLite runs on ours.
 PEERS_VENV := .venv-peers
