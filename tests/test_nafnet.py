@@ -104,9 +104,23 @@ def test_paper_config_official_width32_layout_loads(tmp_path):
     lambda sd: {f"module.{k}": v for k, v in sd.items()},
 ])
 def test_checkpoint_wrappers(wrap, tmp_path):
-    sd = NAFNet(**SMALL).state_dict()
+    torch.manual_seed(5)
+    sd = {k: torch.randn_like(v) for k, v in NAFNet(**SMALL).state_dict().items()}
     torch.save(wrap(sd), tmp_path / "c.pth")
-    load_nafnet(tmp_path / "c.pth", SMALL)
+    loaded = load_nafnet(tmp_path / "c.pth", SMALL).state_dict()
+    assert loaded.keys() == sd.keys()
+    assert all(torch.equal(loaded[k], sd[k]) for k in sd)  # the weights, not a fresh init
+
+
+def test_params_ema_wins_over_params(tmp_path):
+    """BasicSR checkpoints hold both; the EMA weights are the ones NAFNet's authors evaluate."""
+    torch.manual_seed(6)
+    ema = {k: torch.randn_like(v) for k, v in NAFNet(**SMALL).state_dict().items()}
+    raw = {k: torch.randn_like(v) for k, v in ema.items()}
+    torch.save({"params": raw, "params_ema": ema}, tmp_path / "both.pth")
+    loaded = load_nafnet(tmp_path / "both.pth", SMALL).state_dict()
+    assert torch.equal(loaded["intro.weight"], ema["intro.weight"])
+    assert not torch.equal(loaded["intro.weight"], raw["intro.weight"])
 
 
 def test_checkpoint_errors_name_file_and_keys(tmp_path):
