@@ -4,11 +4,15 @@ argument types that refuse bad values before any work starts."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable
 
 from common.errors import UserError
+
+# The disk said no: full, over quota, read-only or not ours. One line, like bad input.
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 
 def run_command(prog: str, body: Callable[[], int]) -> int:
@@ -18,6 +22,13 @@ def run_command(prog: str, body: Callable[[], int]) -> int:
         return body()
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"{prog}: error: {exc.strerror}{where} (nothing half-written was left in place)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -185,8 +185,11 @@ def export(
                                      bokeh_base, report, log)
     except BaseException as exc:
         report["failed"] = f"{type(exc).__name__}: {exc}".strip()
-        write_report(staging, report)
-        kept = folder.abandon(out, staging)
+        try:  # on a full disk this fails too: the staging folder then goes with the next run
+            write_report(staging, report)
+            kept = folder.abandon(out, staging)
+        except OSError:
+            kept = staging
         echo(f"EXPORT FAILED ({report['failed'][:200]}); {out} still holds the last complete "
              f"export; this run's files are in {kept}")
         raise

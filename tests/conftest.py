@@ -10,6 +10,17 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SMALL_H, SMALL_W = 64, 96
+# What makes a test slow (marker `slow`; `-m 'not slow'` skips them while iterating): the
+# session-wide exports, calibration, trainer runs and torchrun. `make test` runs them all.
+SLOW_FIXTURES = {"fused_export", "nafnet_export", "quant_export"}
+SLOW_MODULES = {"test_calib_variants", "test_train_trainer"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or \
+                item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

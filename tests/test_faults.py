@@ -157,22 +157,36 @@ def test_leftovers_of_killed_runs_are_cleaned_and_live_ones_kept(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".staging-{os.getpid()}-123456"]
 
 
-@pytest.mark.slow
-def test_reexport_replaces_the_whole_set_and_records_one_run(tmp_path):
-    from export.pipeline import export
+def test_a_new_run_replaces_the_whole_set_at_the_end(tmp_path):
+    from export import folder
 
     out = tmp_path / "e"
-    first = export(out, 32, 32, fuse=False, variants=("fp32", "fp16"), echo=lambda s: None)
-    assert (out / "nafnet_fp16.tflite").is_file()
-    second = export(out, 32, 48, fuse=False, variants=("fp32",), overwrite=True,
-                    echo=lambda s: None)
-    assert second["run_id"] != first["run_id"]
-    assert not (out / "nafnet_fp16.tflite").exists()  # the old run's files are gone
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
-    for manifest in out.glob("*.manifest.json"):
-        assert json.loads(manifest.read_text())["run_id"] == second["run_id"]
-    report = json.loads((out / "report.json").read_text())
-    assert report["run_id"] == second["run_id"] and report["width"] == 48
+    out.mkdir()
+    for name, text in (("nafnet_fp16.tflite", "old"), ("nafnet_fp32.tflite", "old"),
+                       ("runtime.png", "not listed: kept")):
+        (out / name).write_text(text)
+    (out / "report.json").write_text(json.dumps(
+        {"run_id": "old", "files": ["nafnet_fp16.tflite", "nafnet_fp32.tflite", "report.json"]}))
+    with pytest.raises(UserError, match="--overwrite"):
+        folder.begin(out, overwrite=False)
+    out, staging, run_id = folder.begin(out, overwrite=True)
+    assert (out / "nafnet_fp16.tflite").read_text() == "old"  # untouched until the commit
+    (staging / "nafnet_fp32.tflite").write_text("new")
+    (staging / "report.json").write_text(json.dumps(
+        {"run_id": run_id, "files": ["nafnet_fp32.tflite", "report.json"]}))
+    folder.commit(out, staging)
+    assert sorted(p.name for p in out.iterdir()) == ["nafnet_fp32.tflite", "report.json",
+                                                     "runtime.png"]
+    assert (out / "nafnet_fp32.tflite").read_text() == "new"
+    assert json.loads((out / "report.json").read_text())["run_id"] == run_id
+
+
+def test_every_manifest_of_an_export_names_its_run(nafnet_export):
+    out, report = nafnet_export
+    manifests = list(out.glob("*.manifest.json"))
+    assert manifests and report["run_id"]
+    assert {json.loads(m.read_text())["run_id"] for m in manifests} == {report["run_id"]}
+    assert set(report["files"]) <= {p.name for p in out.iterdir()}  # all there, none missing
 
 
 # --- photos and logs ------------------------------------------------------------------------
@@ -277,3 +291,29 @@ def test_a_checkpoint_with_a_wrong_embedded_config_is_one_error(tmp_path):
                tmp_path / "g.pth")
     with pytest.raises(CheckpointError, match="g.pth: its NAFNet config"):
         load_nafnet(tmp_path / "g.pth")
+
+
+def test_a_full_disk_mid_export_is_one_line_and_the_last_export_stays(tmp_path, monkeypatch,
+                                                                       capsys):
+    import errno
+
+    from export import onnx_stages
+
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "report.json").write_text(json.dumps({"run_id": "old", "files": ["nafnet.onnx"]}))
+    (out / "nafnet.onnx").write_bytes(b"last good export")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "nafnet.onnx"))
+
+    monkeypatch.setattr(onnx_stages, "to_onnx", disk_full)
+    code = bokeh(["export", "--export-dir", str(out), "--overwrite", "--no-fuse",
+                  "--height", "32", "--width", "32"])
+    assert code == 2
+    assert "No space left on device" in _one_error_line(capsys, "bokeh export")
+    assert (out / "nafnet.onnx").read_bytes() == b"last good export"
+    assert json.loads((out / "report.json").read_text())["run_id"] == "old"
+    failed = json.loads((out / "failed-run" / "report.json").read_text())
+    assert "No space left" in failed["failed"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".staging")]
