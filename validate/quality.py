@@ -22,9 +22,9 @@ import numpy as np
 
 from common.errors import UserError
 from common.images import IMAGE_SUFFIXES, load_rgb, resize
+from common.metrics import psnr, ssim_images
 
 LPIPS_UNAVAILABLE = "LPIPS: unavailable (no --lpips-weights)"
-PSNR_CAP = 100.0
 
 
 def list_pairs(data: str | Path, limit: int | None = None) -> list[tuple[str, Path, Path]]:
@@ -52,23 +52,6 @@ def list_pairs(data: str | Path, limit: int | None = None) -> list[tuple[str, Pa
 
 def _natural(stem: str) -> tuple:
     return (0, int(stem), "") if stem.isdigit() else (1, 0, stem)
-
-
-def psnr(reference: np.ndarray, output: np.ndarray) -> float:
-    mse = float(np.mean((reference.astype(np.float64) - output.astype(np.float64)) ** 2))
-    return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(1.0 / mse))
-
-
-def ssim(reference: np.ndarray, output: np.ndarray) -> float:
-    """Mean SSIM of two HxWx3 images: the trainer's SSIM, so tables and training agree."""
-    import torch
-
-    from train.losses import ssim as ssim_torch
-
-    def nchw(x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None].double()
-
-    return float(ssim_torch(nchw(reference), nchw(output)))
 
 
 def classical_render(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -124,7 +107,7 @@ def evaluate(
         outputs = [rgb, classical_render(rgb, mask), ref_bokeh]
         outputs += [render(e, e.size, rgb)[0] for e in engines]
         for row, out in zip(rows, outputs, strict=True):
-            scores[row].append((psnr(target, out), ssim(target, out),
+            scores[row].append((psnr(target, out), ssim_images(target, out),
                                 lpips.distance(target, out) if lpips else math.nan))
     result = {"data": str(data), "pairs": len(pairs), "resized_originals": resized,
               "lpips": (f"LPIPS: AlexNet v0.1 from {', '.join(map(str, lpips_weights))}"
