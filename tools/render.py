@@ -61,12 +61,13 @@ def sweep_focuses(count: int) -> list[float]:
     return [i / (count - 1) for i in range(count)]
 
 
-def sweep_image(panels: list[tuple[float, np.ndarray]], height: int | None = None) -> np.ndarray:
-    """One labelled strip of renders, far focus on the left, near on the right."""
+def sweep_image(mask: np.ndarray, panels: list[tuple[float, np.ndarray]],
+                height: int | None = None) -> np.ndarray:
+    """One labelled strip: the depth mask, then the renders, far focus first, near last."""
     last = len(panels) - 1
-    return labelled_row([(f"focus {f:.2f}" + (" (far)" if i == 0 else " (near)" if i == last
-                                              else ""), bokeh)
-                         for i, (f, bokeh) in enumerate(panels)], height=height)
+    return labelled_row([("mask (bright = near)", colorize(mask))] + [
+        (f"focus {f:.2f}" + (" (far)" if i == 0 else " (near)" if i == last else ""), bokeh)
+        for i, (f, bokeh) in enumerate(panels)], height=height)
 
 
 def pixel_xy(text: str) -> tuple[int, int]:
@@ -140,7 +141,8 @@ def build_parser(prog: str = "bokeh render") -> argparse.ArgumentParser:
                    help=f"photo files or folders ({', '.join(IMAGE_SUFFIXES)})")
     p.add_argument("--out", required=True, help="output folder: NAME_bokeh.png per photo")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--tflite", help=f"fused bokeh_*.tflite (default {DEFAULT_TFLITE})")
+    src.add_argument("--tflite", help=f"fused bokeh_*.tflite (default {DEFAULT_TFLITE}; with "
+                                      f"the controls {DEFAULT_CONTROLS_TFLITE})")
     src.add_argument("--checkpoint", help="NAFNet checkpoint: render with PyTorch instead")
     p.add_argument("--dpt-weights", help="MiDaS DPT file for --checkpoint (dpt_hybrid_384.pt)")
     p.add_argument("--allow-random-dpt", action="store_true",
@@ -159,7 +161,8 @@ def build_parser(prog: str = "bokeh render") -> argparse.ArgumentParser:
     ctl.add_argument("--strength", type=unit_float, metavar="S",
                      help="blur strength in [0, 1]: 0 the photo, 1 the full bokeh (default 1)")
     ctl.add_argument("--focus-sweep", type=sweep_count, metavar="N",
-                     help="also write NAME_sweep.png: N renders, focus 0 (far) ... 1 (near)")
+                     help="also write NAME_sweep.png: the mask, then N renders, focus 0 (far) "
+                          "... 1 (near)")
     p.add_argument("--panel-height", type=positive_int, default=480,
                    help="height of each panel in the compare PNG (default %(default)s)")
     p.add_argument("--threads", type=positive_int, help="TFLite threads (default: all cores)")
@@ -211,20 +214,21 @@ def _run(args: argparse.Namespace) -> int:
         bokeh, mask, how = render(renderer, renderer.size, rgb, **controls)
         written = [save_png(out / f"{path.stem}_bokeh.png", bokeh)]
         if args.compare:
-            label, mask_label = renderer.label, "disparity (DPT mask, inferno)"
+            label, mask_label, mask_panel = renderer.label, "disparity (DPT mask, inferno)", mask
             if controlled:
                 shown = {k: 1.0 if v is None else v for k, v in controls.items()}
                 label = f"focus {shown['focus']:.2f}, strength {shown['strength']:g}"
             if args.focus_at is not None:
-                mask = mark_point(colorize(mask), *args.focus_at)
+                mask_panel = mark_point(colorize(mask), *args.focus_at)
                 mask_label = f"mask {focus:.2f} at ({args.focus_at[0]},{args.focus_at[1]})"
             written.append(save_png(out / f"{path.stem}_compare.png", compare_image(
-                rgb, mask, bokeh, label, height, mask_label)))
+                rgb, mask_panel, bokeh, label, height, mask_label)))
         if args.focus_sweep:
             panels = [(f, render(renderer, renderer.size, rgb, focus=f,
                                  strength=args.strength)[0])
                       for f in sweep_focuses(args.focus_sweep)]
-            written.append(save_png(out / f"{path.stem}_sweep.png", sweep_image(panels, height)))
+            written.append(save_png(out / f"{path.stem}_sweep.png",
+                                    sweep_image(mask, panels, height)))
         text = "" if focus is None else f", focus {focus:.3f} at {args.focus_at}"
         tqdm.write(f"  {path.name} ({how}{text}) -> {', '.join(p.name for p in written)}")
     return 0
