@@ -28,6 +28,7 @@ test: $(VENV_STAMP)
 	$(BIN)/python -m pytest -q
 
 # The fused photo -> bokeh model (and NAFNet alone beside it), then parity of every stage.
+# EXPORT_ARGS=--controls adds bokeh_controls_*.tflite (focus and strength inputs, issue #14).
 export: $(VENV_STAMP)
 	$(BIN)/bokeh export --export-dir $(OUT) --overwrite --height $(HEIGHT) --width $(WIDTH) \
 		$(if $(NAFNET_CKPT),--checkpoint $(NAFNET_CKPT)) \
@@ -37,6 +38,10 @@ export: $(VENV_STAMP)
 		$(EXPORT_ARGS)
 	$(BIN)/bokeh parity --tflite $(OUT)/bokeh_fp32.tflite --num-random 1
 	$(BIN)/bokeh parity --tflite $(OUT)/bokeh_fp16.tflite --num-random 1 --tflite-only
+	if [ -f $(OUT)/bokeh_controls_fp32.tflite ]; then \
+		$(BIN)/bokeh parity --tflite $(OUT)/bokeh_controls_fp32.tflite --num-random 1 && \
+		$(BIN)/bokeh parity --tflite $(OUT)/bokeh_controls_fp16.tflite --num-random 1 \
+		--tflite-only || exit 1; fi
 	for v in drq int8 int16x8; do if [ -f $(OUT)/bokeh_$$v.tflite ]; then \
 		$(BIN)/bokeh parity --tflite $(OUT)/bokeh_$$v.tflite --num-random 1 --tflite-only \
 		|| exit 1; fi; done

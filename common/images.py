@@ -84,6 +84,12 @@ class Placement:
     orig_height: int
     orig_width: int
 
+    def to_canvas(self, x: int, y: int) -> tuple[int, int]:
+        """(row, column) of the canvas pixel under the centre of photo pixel (x, y)."""
+        col = min(self.width - 1, int((x + 0.5) * self.width / self.orig_width))
+        row = min(self.height - 1, int((y + 0.5) * self.height / self.orig_height))
+        return self.top + row, self.left + col
+
     def describe(self, canvas: tuple[int, int]) -> str:
         if (self.orig_height, self.orig_width) == canvas:
             return "used as is"

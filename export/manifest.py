@@ -38,7 +38,14 @@ DESCRIPTIONS = {
     "bokeh": {"photo": "photo RGB, NHWC, values in [0, 1]",
               "bokeh": "bokeh RGB, NHWC, clipped to [0, 1]",
               "mask": "depth mask from the depth net, NHWC, per-image min-max to [0, 1] "
-                      "(1 = near)"},
+                      "(1 = near)",
+              # the two inputs of bokeh_controls_*.tflite (export --controls)
+              "focus": "mask level to keep sharp, [1,1,1,1]: NAFNet reads 1 - |mask - focus|; "
+                       "1 = the nearest (the paper's model), 0 = the farthest; clamped to "
+                       "[0, 1] in the graph",
+              "strength": "blur strength, [1,1,1,1]: strength * bokeh + (1 - strength) * "
+                          "photo; 1 = the paper's model, 0 = the photo; clamped to [0, 1] in "
+                          "the graph"},
 }
 REQUIRED = ("model", "variant", "inputs", "outputs", "stages", "tolerance")
 
@@ -70,7 +77,8 @@ def write_manifest(tflite: Path, variant: str, base: dict, extra: dict | None = 
     summary = variant_summary(info)
     manifest = {
         **base, "variant": variant, "tflite": tflite.name,
-        "inputs": [_io_entry(t, descriptions.get(t["name"], "")) for t in info.inputs],
+        "inputs": [_io_entry(t, descriptions.get(t["name"], ""), base.get("controls"))
+                   for t in info.inputs],
         "outputs": [_io_entry(t, descriptions.get(t["name"], "")) for t in info.outputs],
         "tolerance": TOLERANCE[base["model"]][variant],
         "flex_ops": info.flex_ops, "max_rank": info.max_rank,
@@ -81,8 +89,19 @@ def write_manifest(tflite: Path, variant: str, base: dict, extra: dict | None = 
     return summary
 
 
-def _io_entry(tensor: dict, description: str) -> dict:
+def _io_entry(tensor: dict, description: str, controls: dict | None = None) -> dict:
+    """A tensor as the manifest lists it; a control input also carries its default."""
+    control = (controls or {}).get(tensor["name"])
+    if control:
+        return {**tensor, "layout": "NHWC", "range": control["range"],
+                "default": control["default"], "description": description}
     return {**tensor, "layout": "NHWC", "range": [0.0, 1.0], "description": description}
+
+
+def control_inputs(manifest: dict) -> dict[str, float]:
+    """Control input name -> default of a controls model (``bokeh export --controls``); empty
+    for every other model."""
+    return {name: float(c["default"]) for name, c in (manifest.get("controls") or {}).items()}
 
 
 def read_manifest(tflite: str | Path) -> tuple[dict, Path]:

@@ -90,6 +90,7 @@ def export(
     dpt_variant: str = "hybrid",
     dpt_short_side: int = 384,
     fuse: bool = True,
+    controls: bool = False,
     variants: tuple[str, ...] = ("fp32", "fp16"),
     quant_variants: tuple[str, ...] = (),
     calibration=None,
@@ -102,6 +103,9 @@ def export(
     """Export NAFNet (photo + mask in) and, with ``fuse``, the fused DPT + NAFNet model
     (photo in), every stage and TFLite variant, NHWC; return the report.
 
+    With ``controls`` (and ``fuse``) the fused model is also written with two more inputs,
+    ``focus`` and ``strength`` (export/fuse.py), as ``bokeh_controls_{variant}.tflite``; the plain
+    files are unchanged.
     ``quant_variants`` (of ``QUANT_VARIANTS``) are written for the fused model only, calibrated
     on ``calibration`` (calibration.dataset.calibration_set), which they need.
     The run owns ``out_dir`` (export/folder.py): refused if it holds another export and
@@ -160,7 +164,7 @@ def export(
         _write_variants("nafnet", frozen, io_spec, variants, {**base, "model": "nafnet",
                         "stages": nafnet_stages}, report, log, allow_flex)
         if fuse:
-            from export.fuse import OUTPUT_NAMES, fused_function, save_fused
+            from export.fuse import fused_function
             from models.dpt_tf import keras_dpt_from_torch
 
             echo(f"Fusing DPT-{depth['config']['variant']} at {dpt_size[0]}x{dpt_size[1]} "
@@ -168,21 +172,16 @@ def export(
             keras_dpt = log.run("keras-dpt", keras_dpt_from_torch, dpt, *dpt_size,
                                 note="building the Keras DPT and porting its weights")
             fused = fused_function(keras_dpt, saved, height, width)
-            fused_saved = log.run("fuse", save_fused, fused, staging / "bokeh_savedmodel",
-                                  note="tracing DPT + NAFNet into one graph")
-            frozen_fused, fused_spec = log.run("freeze-fused", tf_stages.freeze, fused,
-                                               staging / "bokeh_frozen.pb", OUTPUT_NAMES)
-            bokeh_stages = [*nafnet_stages,
-                            _stage("bokeh-savedmodel", "saved_model", fused_saved, "NHWC",
-                                   fused_spec, role="bokeh"),
-                            _stage("bokeh-frozen-graph", "frozen_graph", frozen_fused, "NHWC",
-                                   fused_spec, role="bokeh")]
-            bokeh_base = {**base, "model": "bokeh", "stages": bokeh_stages}
-            _write_variants("bokeh", frozen_fused, fused_spec, variants, bokeh_base, report,
-                            log, allow_flex)
+            frozen_fused, fused_spec, bokeh_base = _write_fused(
+                "bokeh", fused, nafnet_stages, base, variants, report, log, allow_flex)
             if quant_variants:
                 write_quant_variants(frozen_fused, fused_spec, quant_variants, calibration,
                                      bokeh_base, report, log)
+            if controls:
+                controlled = fused_function(keras_dpt, saved, height, width, controls=True)
+                _write_fused("bokeh_controls", controlled, nafnet_stages,
+                             {**base, "controls": control_manifest()}, variants, report, log,
+                             allow_flex)
     except BaseException as exc:
         report["failed"] = f"{type(exc).__name__}: {exc}".strip()
         try:  # on a full disk this fails too: the staging folder then goes with the next run
@@ -199,6 +198,36 @@ def export(
     folder.commit(out, staging)
     echo(summary_text(report))
     return report
+
+
+def _write_fused(prefix: str, fused, nafnet_stages: list[dict], base: dict,
+                 variants: tuple[str, ...], report: dict, log: StageLog,
+                 allow_flex: bool) -> tuple[Path, dict, dict]:
+    """Save, freeze and convert one fused tf.function (``prefix`` "bokeh" or "bokeh_controls");
+    return the frozen graph, its I/O and the manifest base of its TFLite files."""
+    from export.fuse import OUTPUT_NAMES, save_fused
+
+    tag = prefix.removeprefix("bokeh").replace("_", "-")  # "" or "-controls"
+    saved = log.run(f"fuse{tag}", save_fused, fused, log.out_dir / f"{prefix}_savedmodel",
+                    note="tracing DPT + NAFNet into one graph")
+    frozen, spec = log.run(f"freeze-fused{tag}", tf_stages.freeze, fused,
+                           log.out_dir / f"{prefix}_frozen.pb", OUTPUT_NAMES)
+    stages = [*nafnet_stages,
+              _stage(f"bokeh{tag}-savedmodel", "saved_model", saved, "NHWC", spec, role="bokeh"),
+              _stage(f"bokeh{tag}-frozen-graph", "frozen_graph", frozen, "NHWC", spec,
+                     role="bokeh")]
+    manifest_base = {**base, "model": "bokeh", "stages": stages}
+    _write_variants(prefix, frozen, spec, variants, manifest_base, report, log, allow_flex)
+    return frozen, spec, manifest_base
+
+
+def control_manifest() -> dict:
+    """The manifest's record of the control inputs: range, default, meaning, how applied."""
+    from models.pipeline import CONTROLS
+
+    return {name: {"shape": [1, 1, 1, 1], "range": list(rng), "default": default,
+                   "description": text, "clamped": True}
+            for name, (rng, default, text) in CONTROLS.items()}
 
 
 def _nafnet_graphs(model, out: Path, height: int, width: int, opset: int, log: StageLog):

@@ -38,12 +38,13 @@ def photo_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def fused_export(tmp_path_factory):
     """Paper-config NAFNet + tiny random DPT, exported once at 64x96 through every stage, fp32
-    and fp16: NAFNet alone (nafnet_*.tflite) and fused (bokeh_*.tflite)."""
+    and fp16: NAFNet alone (nafnet_*.tflite), fused (bokeh_*.tflite) and fused with the focus
+    and strength inputs (bokeh_controls_*.tflite, from the same NAFNet stages)."""
     from export.pipeline import export
 
     out = tmp_path_factory.mktemp("export")
     report = export(out, SMALL_H, SMALL_W, dpt_variant="tiny", dpt_short_side=64,
-                    echo=lambda s: None)
+                    controls=True, echo=lambda s: None)
     return out, report
 
 

@@ -5,7 +5,9 @@ Download folder on the CPU, NNAPI or the GPU delegate. The bundle holds that fil
 ``manifest.json`` saying what it takes and returns, whether each delegate can run it and how close
 it is to PyTorch, and a short README.txt. A model the chosen delegate cannot run is refused here,
 with the reason, rather than on the phone with an error log: Flex ops, rank > 4 or a flagged op
-for the GPU delegate, and a dynamic shape for any delegate.
+for the GPU delegate, and a dynamic shape for any delegate. The bundle holds a one-input model:
+the controls model (photo, focus, strength in) is refused in favour of its plain twin, which
+computes the same at the default controls.
 """
 
 from __future__ import annotations
@@ -156,6 +158,14 @@ def make_bundle(out: str | Path, variant: str = "fp16", export_dir: str | Path =
         raise UserError(f"unknown variant {variant!r}; expected one of {tuple(DEFAULT_DELEGATE)}")
     src = source_tflite(variant, export_dir, tflite)
     manifest, folder = read_manifest(src)
+    names = [t.get("name") for t in manifest["inputs"]]
+    if len(names) != 1:
+        plain = src.with_name(src.name.replace("bokeh_controls_", "bokeh_", 1))
+        twin = (f"; bundle {plain.name} instead (the same model at focus 1, strength 1)"
+                if plain != src else "")
+        raise UserError(f"{src}: takes {len(names)} inputs ({', '.join(names)}); the AI "
+                        f"Benchmark bundle is for a one-input model (the app feeds one "
+                        f"tensor){twin}")
     # the file's own variant decides the default delegate (--tflite bokeh_fp32.tflite -> CPU)
     delegate = delegate or DEFAULT_DELEGATE.get(manifest.get("variant"), DEFAULT_DELEGATE[variant])
     if delegate not in DELEGATES:

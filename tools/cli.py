@@ -71,6 +71,7 @@ def build_export_parser(prog: str = "bokeh export") -> argparse.ArgumentParser:
         epilog="examples:\n  bokeh export --height 512 --width 768 --overwrite\n"
                "  bokeh export --checkpoint build/train/nafnet.pt --dpt-weights "
                "dpt_hybrid_384.pt\n  bokeh export --no-fuse --variants fp32\n"
+               "  bokeh export --controls   (also bokeh_controls_*.tflite: focus, strength)\n"
                "next: bokeh parity --tflite EXPORT_DIR/bokeh_fp32.tflite")
     p.add_argument("--export-dir", "--out", dest="export_dir", default="build/export",
                    help="export folder (default: %(default)s; --out is the old name)")
@@ -90,6 +91,10 @@ def build_export_parser(prog: str = "bokeh export") -> argparse.ArgumentParser:
                    help="short side of the DPT input, a multiple of 32 (default %(default)s)")
     p.add_argument("--no-fuse", action="store_true",
                    help="export NAFNet alone (photo + mask in), no depth net")
+    p.add_argument("--controls", action="store_true",
+                   help="also write bokeh_controls_{fp32,fp16}.tflite: the fused model with two "
+                        "more inputs, focus and strength ([1,1,1,1], in [0, 1]; 1 and 1 give the "
+                        "plain model's output), chosen on the phone at run time")
     p.add_argument("--variants", default="fp32,fp16",
                    help="comma-separated TFLite variants (default: %(default)s)")
     p.add_argument("--quant-variants", default="drq,int8",
@@ -131,6 +136,9 @@ def export_main(argv: list[str] | None = None, prog: str = "bokeh export") -> in
             raise UserError(f"unknown quantized variant {unknown[0]!r}; expected some of "
                             f"{', '.join(QUANT_VARIANTS)}")
         calibration = None
+        if args.controls and args.no_fuse:
+            raise UserError("--controls needs the fused model (the depth mask is computed in "
+                            "the graph); drop --no-fuse")
         if quant:  # before the long stages, so a bad folder fails at once
             calibration = calibration_set(args.height, args.width, args.calib_samples,
                                           args.calib_dir)
@@ -139,7 +147,8 @@ def export_main(argv: list[str] | None = None, prog: str = "bokeh export") -> in
                 out_dir=args.export_dir, height=args.height, width=args.width,
                 checkpoint=args.checkpoint, dpt_weights=args.dpt_weights,
                 dpt_variant=args.dpt_variant, dpt_short_side=args.dpt_short_side,
-                fuse=not args.no_fuse, variants=_names(args.variants), quant_variants=quant,
+                fuse=not args.no_fuse, controls=args.controls, variants=_names(args.variants),
+                quant_variants=quant,
                 calibration=calibration, opset=args.opset, allow_flex=args.allow_flex,
                 seed=args.seed, overwrite=args.overwrite,
             )
@@ -149,6 +158,8 @@ def export_main(argv: list[str] | None = None, prog: str = "bokeh export") -> in
             return 1
         model = "nafnet" if args.no_fuse else "bokeh"
         print(f"Next: bokeh parity --tflite {args.export_dir}/{model}_fp32.tflite")
+        if args.controls:
+            print(f"      bokeh parity --tflite {args.export_dir}/bokeh_controls_fp32.tflite")
         return 0
 
     return run_command(prog, body)

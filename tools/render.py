@@ -6,6 +6,12 @@ real depth net (``--dpt-weights``) is required, since a random one makes a meani
 Photos of any size go in: each is fitted into the model's static size (scaled, reflect-padded) and
 the output is mapped back to the photo's own size. ``--compare`` also writes one side-by-side PNG
 per photo: input | disparity as a colour map | bokeh.
+
+The controls (issue #14) need the controls model (``bokeh export --controls``; default
+``build/export/bokeh_controls_fp32.tflite`` when one is asked for): ``--focus-at X,Y`` runs the
+model once, reads its mask at photo pixel (X, Y) (through the letterbox placement) and renders
+with that ``focus``, as an app does with a tap; ``--strength S`` sets the blur strength;
+``--focus-sweep N`` writes a strip of N renders from far (focus 0) to near (focus 1) focus.
 """
 
 from __future__ import annotations
@@ -15,21 +21,83 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
-from common.cli import positive_int, run_command
+from common.cli import positive_int, run_command, unit_float
 from common.errors import UserError
 from common.files import ensure_writable_dir
-from common.images import IMAGE_SUFFIXES, list_images, load_rgb, save_png
+from common.images import IMAGE_SUFFIXES, list_images, load_rgb, save_png, to_uint8
 from export.runner import RUNTIMES
 from tools.images import colorize, labelled_row
-from validate.renderers import TFLiteRenderer, TorchRenderer, render
+from validate.renderers import TFLiteRenderer, TorchRenderer, focus_at, render
 
 DEFAULT_TFLITE = "build/export/bokeh_fp32.tflite"
+DEFAULT_CONTROLS_TFLITE = "build/export/bokeh_controls_fp32.tflite"
+
+
 def compare_image(rgb: np.ndarray, mask: np.ndarray, bokeh: np.ndarray, label: str,
-                  height: int | None = None) -> np.ndarray:
-    """input | disparity (inferno) | output, labelled."""
-    return labelled_row([("input", rgb), ("disparity (DPT mask, inferno)", colorize(mask)),
+                  height: int | None = None, mask_label: str = "disparity (DPT mask, inferno)",
+                  ) -> np.ndarray:
+    """input | disparity (inferno; an HxWx3 ``mask`` is a picture already) | output, labelled."""
+    return labelled_row([("input", rgb), (mask_label, mask if mask.ndim == 3 else colorize(mask)),
                          (f"bokeh: {label}", bokeh)], height=height)
+
+
+def mark_point(image: np.ndarray, x: int, y: int) -> np.ndarray:
+    """``image`` (HxWx3 in [0, 1]) with a ring around pixel (x, y): white inside black, so it
+    shows on any colour."""
+    h, w = image.shape[:2]
+    radius = max(4, min(h, w) // 30)
+    pil = Image.fromarray(to_uint8(image))
+    draw = ImageDraw.Draw(pil)
+    for r, colour, width in ((radius + 2, (0, 0, 0), 3), (radius, (255, 255, 255), 2)):
+        draw.ellipse((x - r, y - r, x + r, y + r), outline=colour, width=width)
+    draw.point((x, y), fill=(255, 255, 255))
+    return np.asarray(pil, dtype=np.float32) / 255.0
+
+
+def sweep_focuses(count: int) -> list[float]:
+    """``count`` focus values from far (0) to near (1), evenly spaced."""
+    return [i / (count - 1) for i in range(count)]
+
+
+def sweep_image(mask: np.ndarray, panels: list[tuple[float, np.ndarray]],
+                height: int | None = None) -> np.ndarray:
+    """One labelled strip: the depth mask, then the renders, far focus first, near last."""
+    last = len(panels) - 1
+    return labelled_row([("mask (bright = near)", colorize(mask))] + [
+        (f"focus {f:.2f}" + (" (far)" if i == 0 else " (near)" if i == last else ""), bokeh)
+        for i, (f, bokeh) in enumerate(panels)], height=height)
+
+
+def pixel_xy(text: str) -> tuple[int, int]:
+    """argparse type: ``X,Y``, two integers >= 0 (a pixel, x from the left, y from the top)."""
+    try:
+        x, y = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not X,Y (two integers: pixel column and row, e.g. 120,80)") from None
+    if x < 0 or y < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: X and Y must be >= 0")
+    return x, y
+
+
+def sweep_count(text: str) -> int:
+    """argparse type: how many renders a focus sweep has, an integer >= 2."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: a sweep needs at least 2 renders")
+    return value
+
+
+def check_focus_point(point: tuple[int, int], photos: list[Path]) -> None:
+    """Refuse up front an X,Y outside any of the photos."""
+    x, y = point
+    for path in photos:
+        h, w = load_rgb(path).shape[:2]
+        if x >= w or y >= h:
+            raise UserError(f"--focus-at {x},{y} is outside {path.name} ({w}x{h}: X in "
+                            f"0..{w - 1}, Y in 0..{h - 1})")
 
 
 def collect_photos(items: list[str]) -> list[Path]:
@@ -66,12 +134,15 @@ def build_parser(prog: str = "bokeh render") -> argparse.ArgumentParser:
                     "Photos of any size are fitted to the model's static size (scaled, "
                     "reflect-padded) and mapped back to their own size.",
         epilog=f"examples:\n  {prog} photo.jpg --compare --out renders\n"
-               f"  {prog} photos/ --tflite build/export/bokeh_fp16.tflite --out renders")
+               f"  {prog} photos/ --tflite build/export/bokeh_fp16.tflite --out renders\n"
+               f"  {prog} photo.jpg --focus-at 320,200 --strength 0.7 --compare --out renders\n"
+               f"  {prog} photo.jpg --focus-sweep 5 --out renders")
     p.add_argument("photos", nargs="+", metavar="PHOTO",
                    help=f"photo files or folders ({', '.join(IMAGE_SUFFIXES)})")
     p.add_argument("--out", required=True, help="output folder: NAME_bokeh.png per photo")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--tflite", help=f"fused bokeh_*.tflite (default {DEFAULT_TFLITE})")
+    src.add_argument("--tflite", help=f"fused bokeh_*.tflite (default {DEFAULT_TFLITE}; with "
+                                      f"the controls {DEFAULT_CONTROLS_TFLITE})")
     src.add_argument("--checkpoint", help="NAFNet checkpoint: render with PyTorch instead")
     p.add_argument("--dpt-weights", help="MiDaS DPT file for --checkpoint (dpt_hybrid_384.pt)")
     p.add_argument("--allow-random-dpt", action="store_true",
@@ -79,7 +150,19 @@ def build_parser(prog: str = "bokeh render") -> argparse.ArgumentParser:
     p.add_argument("--size", help="PyTorch only: render at HEIGHTxWIDTH (default: each "
                                   "photo's own size)")
     p.add_argument("--compare", action="store_true",
-                   help="also write NAME_compare.png: input | disparity | bokeh")
+                   help="also write NAME_compare.png: input | disparity | bokeh (with "
+                        "--focus-at: the focus point marked on the disparity)")
+    ctl = p.add_argument_group(
+        "controls", "focus and blur strength, chosen at run time: need the controls model "
+                    f"(bokeh export --controls); default --tflite {DEFAULT_CONTROLS_TFLITE}")
+    ctl.add_argument("--focus-at", type=pixel_xy, metavar="X,Y",
+                     help="keep the depth at photo pixel X,Y sharp: its mask value becomes "
+                          "focus (x from the left, y from the top, in the photo's own pixels)")
+    ctl.add_argument("--strength", type=unit_float, metavar="S",
+                     help="blur strength in [0, 1]: 0 the photo, 1 the full bokeh (default 1)")
+    ctl.add_argument("--focus-sweep", type=sweep_count, metavar="N",
+                     help="also write NAME_sweep.png: the mask, then N renders, focus 0 (far) "
+                          "... 1 (near)")
     p.add_argument("--panel-height", type=positive_int, default=480,
                    help="height of each panel in the compare PNG (default %(default)s)")
     p.add_argument("--threads", type=positive_int, help="TFLite threads (default: all cores)")
@@ -98,6 +181,9 @@ def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     photos = collect_photos(args.photos)
+    controlled = any(v is not None for v in (args.focus_at, args.strength, args.focus_sweep))
+    if args.focus_at is not None:
+        check_focus_point(args.focus_at, photos)
     if args.checkpoint:
         renderer = TorchRenderer(args.checkpoint, args.dpt_weights, args.allow_random_dpt,
                                  parse_size(args.size))
@@ -105,22 +191,46 @@ def _run(args: argparse.Namespace) -> int:
         if args.size or args.dpt_weights or args.allow_random_dpt:
             raise UserError("--size, --dpt-weights and --allow-random-dpt go with "
                             "--checkpoint; a TFLite model has its own size and depth net")
-        if not args.tflite and not Path(DEFAULT_TFLITE).is_file():
-            raise UserError(f"{DEFAULT_TFLITE}: no such TFLite file; run `make export` "
-                            "or give --tflite / --checkpoint")
-        renderer = TFLiteRenderer(args.tflite or DEFAULT_TFLITE, args.threads, args.runtime)
+        default = DEFAULT_CONTROLS_TFLITE if controlled else DEFAULT_TFLITE
+        if not args.tflite and not Path(default).is_file():
+            how = "bokeh export --controls" if controlled else "make export"
+            raise UserError(f"{default}: no such TFLite file; run `{how}` or give --tflite / "
+                            "--checkpoint")
+        renderer = TFLiteRenderer(args.tflite or default, args.threads, args.runtime)
+        if controlled and not renderer.has_controls:
+            raise UserError(f"{renderer.label}: takes no focus or strength (a plain model); "
+                            "--focus-at, --strength and --focus-sweep need the controls model, "
+                            "e.g. bokeh_controls_fp32.tflite (bokeh export --controls)")
     out = ensure_writable_dir(args.out)
     for w in renderer.warnings:
         print(f"WARNING: {w}")
     print(f"Rendering {len(photos)} photo(s) with {renderer.label} to {out}/")
     for path in tqdm(photos, unit="photo", disable=len(photos) < 2):
         rgb = load_rgb(path)
-        bokeh, mask, how = render(renderer, renderer.size, rgb)
+        height = min(args.panel_height, rgb.shape[0])
+        focus = (None if args.focus_at is None
+                 else focus_at(renderer, renderer.size, rgb, *args.focus_at))
+        controls = {"focus": focus, "strength": args.strength} if controlled else {}
+        bokeh, mask, how = render(renderer, renderer.size, rgb, **controls)
         written = [save_png(out / f"{path.stem}_bokeh.png", bokeh)]
         if args.compare:
+            label, mask_label, mask_panel = renderer.label, "disparity (DPT mask, inferno)", mask
+            if controlled:
+                shown = {k: 1.0 if v is None else v for k, v in controls.items()}
+                label = f"focus {shown['focus']:.2f}, strength {shown['strength']:g}"
+            if args.focus_at is not None:
+                mask_panel = mark_point(colorize(mask), *args.focus_at)
+                mask_label = f"mask {focus:.2f} at ({args.focus_at[0]},{args.focus_at[1]})"
             written.append(save_png(out / f"{path.stem}_compare.png", compare_image(
-                rgb, mask, bokeh, renderer.label, min(args.panel_height, rgb.shape[0]))))
-        tqdm.write(f"  {path.name} ({how}) -> {', '.join(p.name for p in written)}")
+                rgb, mask_panel, bokeh, label, height, mask_label)))
+        if args.focus_sweep:
+            panels = [(f, render(renderer, renderer.size, rgb, focus=f,
+                                 strength=args.strength)[0])
+                      for f in sweep_focuses(args.focus_sweep)]
+            written.append(save_png(out / f"{path.stem}_sweep.png",
+                                    sweep_image(mask, panels, height)))
+        text = "" if focus is None else f", focus {focus:.3f} at {args.focus_at}"
+        tqdm.write(f"  {path.name} ({how}{text}) -> {', '.join(p.name for p in written)}")
     return 0
 
 

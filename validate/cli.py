@@ -7,6 +7,7 @@ parity exits 0 within tolerance, 1 outside it; every command exits 2 on bad inpu
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def parity_parser(prog: str = "validate parity") -> argparse.ArgumentParser:
               "outside it, 2 on bad input.",
         f"  {prog} --tflite build/export/bokeh_fp32.tflite\n"
         f"  {prog} --tflite build/export/bokeh_fp16.tflite --images ~/photos --tflite-only\n"
-        f"  {prog} --tflite build/export/nafnet_fp32.tflite --json parity.json")
+        f"  {prog} --tflite build/export/nafnet_fp32.tflite --json parity.json\n"
+        f"  {prog} --tflite build/export/bokeh_controls_fp32.tflite --pair 1,1 --pair 0.3,0.6")
     par.add_argument("--tflite", required=True, help="a .tflite written by bokeh export")
     par.add_argument("--checkpoint", help="PyTorch weights (default: those in the manifest)")
     par.add_argument("--images", help="folder of photos (resized/cropped to the model's size); "
@@ -50,8 +52,25 @@ def parity_parser(prog: str = "validate parity") -> argparse.ArgumentParser:
                      help="random inputs when no --images (default %(default)s)")
     par.add_argument("--tflite-only", action="store_true",
                      help="check the TFLite file alone, not the earlier stages")
+    par.add_argument("--pair", action="append", type=control_pair, metavar="FOCUS,STRENGTH",
+                     help="a controls model (bokeh_controls_*.tflite): check at this (focus, "
+                          "strength), repeatable (default: 1,1 0,1 0.5,0.5 0.25,0.75; 1,1 is "
+                          "also compared with the plain model beside it)")
     par.add_argument("--json", help="also write the full result to this JSON file")
     return par
+
+
+def control_pair(text: str) -> tuple[float, float]:
+    """argparse type: ``FOCUS,STRENGTH``, two finite numbers (outside [0, 1] they are clamped,
+    by the model and the reference alike)."""
+    try:
+        focus, strength = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not FOCUS,STRENGTH (two numbers, e.g. "
+                                         "0.5,1)") from None
+    if not all(math.isfinite(v) for v in (focus, strength)):
+        raise argparse.ArgumentTypeError(f"{text!r}: focus and strength must be finite")
+    return focus, strength
 
 
 def parity_main(argv: list[str] | None = None, prog: str = "validate parity") -> int:
@@ -59,16 +78,20 @@ def parity_main(argv: list[str] | None = None, prog: str = "validate parity") ->
 
     def body() -> int:
         from common.files import check_writable_file, write_json
-        from export.manifest import read_manifest
+        from export.manifest import control_inputs, read_manifest
         from export.report import record_parity
-        from validate.parity import format_table, run_parity
+        from validate.parity import CONTROL_PAIRS, format_table, run_parity
 
         if args.json:
             check_writable_file(args.json)
         manifest, folder = read_manifest(args.tflite)
+        if args.pair and not control_inputs(manifest):
+            raise UserError(f"--pair: {Path(args.tflite).name} takes no focus or strength "
+                            "(only bokeh_controls_*.tflite does)")
         print(f"Parity of {args.tflite} against PyTorch:")
         result = run_parity(args.tflite, args.checkpoint, args.images, args.atol,
-                            args.num_random, tflite_only=args.tflite_only)
+                            args.num_random, tflite_only=args.tflite_only,
+                            control_pairs=args.pair or CONTROL_PAIRS)
         print(format_table(result))
         if args.json:
             write_json(args.json, result)

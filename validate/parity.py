@@ -5,6 +5,10 @@ command checks the whole lane: for each stage whose artifact is still on disk, i
 inputs through that engine and the PyTorch reference and reports, per input, the largest and mean
 absolute difference and the PSNR. Checks go in the order names -> shapes -> values (like Hugging
 Face Optimum's validate_model_outputs), and a failure names the stage and the largest difference.
+
+A controls model (``bokeh export --controls``: photo, focus, strength in) is checked at several
+(focus, strength) pairs, the defaults (1, 1) among them; at the defaults it is also compared with
+the plain model beside it (``bokeh_controls_X`` with ``bokeh_X``), which it must equal.
 """
 
 from __future__ import annotations
@@ -20,16 +24,33 @@ import torch
 from common.errors import UserError
 from common.images import fit_to_size, list_images, load_rgb
 from common.metrics import psnr
-from export.manifest import TOLERANCE, read_manifest
+from export.manifest import TOLERANCE, control_inputs, read_manifest
 from export.runner import TFLiteRunner
 from models.nafnet import load_nafnet, random_nafnet
 from models.pipeline import BokehPipeline
+
+# (focus, strength) pairs a controls model is checked at: the defaults (the plain model's
+# output), far focus, and two in-between settings.
+CONTROL_PAIRS = ((1.0, 1.0), (0.0, 1.0), (0.5, 0.5), (0.25, 0.75))
 
 
 @dataclass
 class ParityInput:
     label: str
     value: np.ndarray  # NHWC float32 [1, H, W, C]
+    controls: dict[str, float] | None = None  # focus, strength of a controls model
+
+
+def with_controls(inputs: list[ParityInput], pairs) -> list[ParityInput]:
+    """Each input at each (focus, strength) pair, labelled ``NAME f=F s=S``."""
+    return [ParityInput(f"{i.label} f={f:g} s={s:g}", i.value,
+                        {"focus": float(f), "strength": float(s)})
+            for i in inputs for f, s in pairs]
+
+
+def control_arrays(controls: dict[str, float]) -> dict[str, np.ndarray]:
+    """Control values as the model's ``[1,1,1,1]`` float32 inputs."""
+    return {k: np.full((1, 1, 1, 1), v, np.float32) for k, v in controls.items()}
 
 
 def reference_model(manifest: dict, checkpoint: str | Path | None = None) -> torch.nn.Module:
@@ -62,6 +83,7 @@ class Reference:
 
     def __init__(self, manifest: dict, checkpoint: str | Path | None = None):
         self.kind = manifest["model"]
+        self._mask: tuple[np.ndarray, torch.Tensor] | None = None  # last photo and its mask
         if self.kind == "nafnet":
             self.nafnet = reference_model(manifest, checkpoint)
         elif self.kind == "bokeh":
@@ -71,16 +93,25 @@ class Reference:
             raise UserError(f"no PyTorch reference for model kind {self.kind!r}")
 
     @torch.no_grad()
-    def run(self, x: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
-        """Per role, the stage input and the expected named outputs for one parity input."""
+    def run(self, x: np.ndarray,
+            controls: dict[str, float] | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """Per role, the stage input and the expected named outputs for one parity input;
+        with ``controls`` (focus, strength) the fused model's input is a dict of named arrays
+        and NAFNet's input carries the focus-remapped mask."""
         t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
         if self.kind == "nafnet":
             return {"nafnet": {"input": x, "output": _nhwc(self.nafnet(t))}}
-        bokeh, mask = self.pipeline(t)
-        nafnet_in = torch.cat([t, mask], dim=1)
+        if self._mask is None or self._mask[0] is not x:  # one depth pass per photo
+            self._mask = (x, self.pipeline.depth_mask(t))
+        mask = self._mask[1]
+        controls = controls or {}
+        nafnet_in = self.pipeline.nafnet_input(t, mask, controls.get("focus"))
+        nafnet_out = self.nafnet(nafnet_in)
+        bokeh = self.pipeline.finish(t, nafnet_out, controls.get("strength"))
         return {
-            "nafnet": {"input": _nhwc(nafnet_in), "output": _nhwc(self.nafnet(nafnet_in))},
-            "bokeh": {"input": x, "bokeh": _nhwc(bokeh), "mask": _nhwc(mask)},
+            "nafnet": {"input": _nhwc(nafnet_in), "output": _nhwc(nafnet_out)},
+            "bokeh": {"input": {"photo": x, **control_arrays(controls)} if controls else x,
+                      "bokeh": _nhwc(bokeh), "mask": _nhwc(mask)},
         }
 
 
@@ -88,8 +119,20 @@ def _nhwc(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.numpy().transpose(0, 2, 3, 1))
 
 
+def _named(x: np.ndarray | dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+    """A stage input by name: a dict as it is, one array as the stage's only input."""
+    if isinstance(x, dict):
+        if set(x) != set(names):
+            raise UserError(f"stage takes inputs {names}, given {sorted(x)}")
+        return x
+    if len(names) != 1:
+        raise UserError(f"stage takes inputs {names}, given one array")
+    return {names[0]: x}
+
+
 def stage_runner(stage: dict, folder: Path) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-    """Wrap one artifact's engine: NHWC array in, named NHWC arrays out, whatever its layout."""
+    """Wrap one artifact's engine: NHWC array (or named NHWC arrays: photo and controls) in,
+    named NHWC arrays out, whatever its layout."""
     path = folder / stage["path"]
     engine = stage["engine"]
     nchw = stage.get("layout", "NHWC") == "NCHW"
@@ -106,20 +149,25 @@ def stage_runner(stage: dict, folder: Path) -> Callable[[np.ndarray], dict[str, 
         from common.quiet import quiet_tensorflow
 
         fn = quiet_tensorflow().saved_model.load(str(path)).signatures["serving_default"]
-        (in_name,) = fn.structured_input_signature[1].keys()
+        in_names = list(fn.structured_input_signature[1].keys())
 
         def run(x):
-            return {k: v.numpy() for k, v in fn(**{in_name: x}).items()}
+            return {k: v.numpy() for k, v in fn(**_named(x, in_names)).items()}
     elif engine == "frozen_graph":
         from export.tf_stages import run_frozen_graph
 
         outs = tuple(stage.get("outputs", ["output"]))
-        (in_name,) = stage.get("inputs", ["input"])
+        in_names = list(stage.get("inputs", ["input"]))
 
         def run(x):
-            return dict(zip(outs, run_frozen_graph(path, {in_name: x}, outs), strict=True))
+            named = _named(x, in_names)
+            inputs = {n: named[n] for n in in_names}
+            return dict(zip(outs, run_frozen_graph(path, inputs, outs), strict=True))
     elif engine == "tflite":
-        run = TFLiteRunner(path)
+        runner = TFLiteRunner(path)
+
+        def run(x):
+            return runner(**x) if isinstance(x, dict) else runner(x)
     else:
         raise UserError(f"unknown engine {engine!r} for stage {stage['name']}")
     if nchw:
@@ -196,7 +244,7 @@ def _check_stage(stage: dict, run, inputs, expected, tol) -> dict:
     for inp, ref in zip(inputs, expected, strict=True):
         got = run(ref[role]["input"])
         for name in tol:
-            want = ref[role].get(name) if "against" not in stage else ref["tflite"][name]
+            want = ref[role].get(name) if "against" not in stage else ref[stage["against"]][name]
             row = {"input": inp.label, "output": name}
             if name not in got:
                 row["error"] = f"no output named {name!r} (has {sorted(got)})"
@@ -219,16 +267,25 @@ def run_parity(
     num_random: int = 2,
     echo: Callable[[str], None] = print,
     tflite_only: bool = False,
+    control_pairs=CONTROL_PAIRS,
 ) -> dict:
     """Diff every stage present against PyTorch; the result says per stage whether it passed.
 
     A reduced-precision variant is also compared with its fp32 sibling when that file exists.
+    A controls model runs every input at each (focus, strength) of ``control_pairs`` and, at
+    its defaults, is also compared with the plain model beside it (fp32 tolerance: equal).
     """
     tflite = Path(tflite)
     manifest, folder = read_manifest(tflite)
     reference = Reference(manifest, checkpoint)
     inputs = parity_inputs(manifest, images, num_random, echo=echo)
-    expected = [reference.run(i.value) for i in inputs]
+    defaults = control_inputs(manifest)
+    if defaults:
+        pairs = list(dict.fromkeys((float(f), float(s)) for f, s in control_pairs))
+        if not pairs:
+            raise UserError("a controls model needs at least one (focus, strength) pair")
+        inputs = with_controls(inputs, pairs)
+    expected = [reference.run(i.value, i.controls) for i in inputs]
     kind = manifest["model"]
     final = {"name": f"tflite-{manifest.get('variant', '')}".rstrip("-"), "engine": "tflite",
              "path": tflite.name, "layout": "NHWC", "role": kind}
@@ -243,10 +300,23 @@ def run_parity(
     if manifest.get("variant", "fp32") != "fp32" and sibling.is_file():
         fp32_run = stage_runner({**final, "path": sibling.name}, folder)
         for ref in expected:
-            ref["tflite"] = fp32_run(ref[kind]["input"])
+            ref[sibling.name] = fp32_run(ref[kind]["input"])
         results.append(_check_stage({**final, "name": f"{final['name']} vs {sibling.name}",
                                      "against": sibling.name}, stage_runner(final, folder),
                                     inputs, expected, stage_tolerance(final, manifest, atol)))
+    plain = tflite.with_name(tflite.name.replace("bokeh_controls_", "bokeh_", 1))
+    at_defaults = [(i, r) for i, r in zip(inputs, expected, strict=True)
+                   if i.controls == defaults]
+    if defaults and plain != tflite and plain.is_file() and at_defaults:
+        plain_run = stage_runner({**final, "path": plain.name}, folder)
+        for inp, ref in at_defaults:
+            ref[plain.name] = plain_run(inp.value)
+        # at the defaults the controls are exact identities: fp32 bounds, whatever the variant
+        tol = stage_tolerance({"engine": "tflite"}, {"tolerance": TOLERANCE[kind]["fp32"]}, atol)
+        results.append(_check_stage(
+            {**final, "name": f"{final['name']} at defaults vs {plain.name}",
+             "against": plain.name}, stage_runner(final, folder),
+            [i for i, _ in at_defaults], [r for _, r in at_defaults], tol))
     last = next(r for r in results if r["stage"] == final["name"])
     return {
         "tflite": tflite.name, "model": kind, "variant": manifest.get("variant"),
@@ -269,11 +339,13 @@ def _summary(stage: dict) -> str:
 
 def format_table(result: dict) -> str:
     """One row per stage, input and output: what a person reads in the terminal."""
-    lines = [f"{'stage':<34} {'input':<16} {'output':<7} {'max abs':>9} {'mean abs':>9} "
+    wide = max([16] + [len(r["input"]) for s in result["stages"] for r in s["inputs"]])
+    name = max([34] + [len(s["stage"]) for s in result["stages"]])
+    lines = [f"{'stage':<{name}} {'input':<{wide}} {'output':<7} {'max abs':>9} {'mean abs':>9} "
              f"{'PSNR dB':>8}  verdict"]
     for stage in result["stages"]:
         for row in stage["inputs"]:
-            head = f"{stage['stage'][:34]:<34} {row['input'][:16]:<16} {row['output']:<7}"
+            head = f"{stage['stage']:<{name}} {row['input']:<{wide}} {row['output']:<7}"
             if "error" in row:
                 lines.append(f"{head} {row['error']}")
                 continue

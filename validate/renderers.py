@@ -1,7 +1,9 @@
 """Renderers: a photo in, its bokeh and depth mask out, from the phone model or from PyTorch.
 
 ``render`` fits any photo into a renderer's static size and maps the output back
-(common/images.py), so `bokeh render`, the quality table and the docs pictures agree.
+(common/images.py), so `bokeh render`, the quality table and the docs pictures agree. Every
+renderer takes the two controls as keywords (``focus``, ``strength``; None: the paper's model);
+a TFLite renderer of a plain model refuses them, a controls model fills in their defaults.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from common.images import letterbox, unletterbox
 from export.manifest import read_manifest
 from export.runner import make_interpreter
 from export.tflite_info import dynamic_dims
+from models.pipeline import CONTROLS
 
-# A photo -> (bokeh HxWx3, mask HxW), both in [0, 1], at the size the renderer was given.
-RenderFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+# A photo (and focus=, strength=) -> (bokeh HxWx3, mask HxW), both in [0, 1], at the size the
+# renderer was given.
+RenderFn = Callable[..., tuple[np.ndarray, np.ndarray]]
 
 
 class TFLiteRenderer:
@@ -32,23 +36,44 @@ class TFLiteRenderer:
         if len(inputs) == 1 and int(inputs[0]["shape"][-1]) == 4:
             raise UserError(f"{path}: is NAFNet alone (photo + depth mask in); render needs the "
                             "fused model that computes its own mask, e.g. bokeh_fp32.tflite")
-        if len(inputs) != 1 or int(inputs[0]["shape"][-1]) != 3 or not {"bokeh",
-                                                                       "mask"} <= names:
-            raise UserError(f"{path}: not a fused bokeh model (expected one [1,H,W,3] input and "
-                            f"outputs 'bokeh' and 'mask', found {sorted(names)})")
+        photos = [d for d in inputs if d["name"] not in CONTROLS]
+        controls = [d for d in inputs if d["name"] in CONTROLS]
+        if (len(photos) != 1 or int(photos[0]["shape"][-1]) != 3 or not {"bokeh", "mask"} <= names
+                or controls and ({d["name"] for d in controls} != set(CONTROLS)
+                                 or any(list(d["shape"]) != [1, 1, 1, 1] for d in controls))):
+            raise UserError(f"{path}: not a fused bokeh model (expected one [1,H,W,3] input, "
+                            "optionally focus and strength [1,1,1,1], and outputs 'bokeh' and "
+                            f"'mask', found inputs {[d['name'] for d in inputs]}, outputs "
+                            f"{sorted(names)})")
         dynamic = dynamic_dims(path)
         if dynamic:
             raise UserError(f"{path}: has a dynamic shape ({'; '.join(dynamic)}); render needs "
                             "the static size of an exported phone model")
         self.interpreter = make_interpreter(path, threads, runtime=runtime)
-        self.input = self.interpreter.get_input_details()[0]
+        details = {d["name"]: d for d in self.interpreter.get_input_details()}
+        self.input = details[photos[0]["name"]]
+        self.control_index = {d["name"]: details[d["name"]]["index"] for d in controls}
         self.outputs = {d["name"]: d["index"] for d in self.interpreter.get_output_details()}
         self.size = tuple(int(d) for d in self.input["shape"][1:3])
         self.label = path.name
+        self.path = path
         self.warnings = _manifest_warnings(path)
 
-    def __call__(self, photo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def has_controls(self) -> bool:
+        """Whether the model takes focus and strength (``bokeh export --controls``)."""
+        return bool(self.control_index)
+
+    def __call__(self, photo: np.ndarray, focus: float | None = None,
+                 strength: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        given = {"focus": focus, "strength": strength}
+        if not self.has_controls and any(v is not None for v in given.values()):
+            raise UserError(f"{self.path}: takes no focus or strength (a plain model); use the "
+                            "controls model, bokeh_controls_fp32.tflite (bokeh export --controls)")
         self.interpreter.set_tensor(self.input["index"], photo[None].astype(np.float32))
+        for name, index in self.control_index.items():
+            value = CONTROLS[name][1] if given[name] is None else given[name]
+            self.interpreter.set_tensor(index, np.full((1, 1, 1, 1), value, np.float32))
         self.interpreter.invoke()
         bokeh = self.interpreter.get_tensor(self.outputs["bokeh"])[0]
         mask = self.interpreter.get_tensor(self.outputs["mask"])[0, ..., 0]
@@ -93,8 +118,10 @@ class TorchRenderer:
         self.size = size  # None: each photo at its own size
         self.dpt_short_side = dpt_short_side
         self.label = f"PyTorch {Path(checkpoint).name}"
+        self.has_controls = True
 
-    def __call__(self, photo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, photo: np.ndarray, focus: float | None = None,
+                 strength: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
         from models.dpt import dpt_input_size
@@ -105,17 +132,29 @@ class TorchRenderer:
                                  dpt_input_size(h, w, self.dpt_short_side)).eval()
         x = torch.from_numpy(np.ascontiguousarray(photo.transpose(2, 0, 1)))[None]
         with torch.no_grad():
-            bokeh, mask = pipeline(x)
+            bokeh, mask = pipeline(x, focus, strength)
         return bokeh[0].numpy().transpose(1, 2, 0), mask[0, 0].numpy()
 
 
-def render(renderer: RenderFn, size: tuple[int, int] | None,
-           rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
-    """Bokeh and mask of one photo at its own size, and how it was fitted to the model."""
+def render(renderer: RenderFn, size: tuple[int, int] | None, rgb: np.ndarray,
+           **controls: float | None) -> tuple[np.ndarray, np.ndarray, str]:
+    """Bokeh and mask of one photo at its own size, and how it was fitted to the model;
+    ``controls`` (focus=, strength=) go to the renderer."""
     size = size or rgb.shape[:2]
     fitted, where = letterbox(rgb, *size)
-    bokeh, mask = renderer(fitted)
+    bokeh, mask = renderer(fitted, **controls)
     return unletterbox(bokeh, where), unletterbox(mask, where), where.describe(size)
+
+
+def focus_at(renderer: RenderFn, size: tuple[int, int] | None, rgb: np.ndarray, x: int,
+             y: int) -> float:
+    """The ``focus`` that keeps photo pixel (x, y) sharp: the model's own mask output read at
+    that pixel, mapped through the letterbox placement (what an app does with a tap)."""
+    size = size or rgb.shape[:2]
+    fitted, where = letterbox(rgb, *size)
+    _, mask = renderer(fitted)  # the mask does not depend on the controls
+    row, col = where.to_canvas(x, y)
+    return float(np.clip(mask[row, col], 0.0, 1.0))
 
 
 class ReferenceRenderer:
@@ -133,11 +172,13 @@ class ReferenceRenderer:
         name = Path(checkpoint or weights.get("checkpoint") or "").name
         self.label = f"PyTorch ({name or 'random weights'})"
         self.warnings = list(manifest.get("warnings", [])) if checkpoint is None else []
+        self.has_controls = True
 
-    def __call__(self, photo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, photo: np.ndarray, focus: float | None = None,
+                 strength: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(photo.transpose(2, 0, 1)))[None]
         with torch.no_grad():
-            bokeh, mask = self.pipeline(x)
+            bokeh, mask = self.pipeline(x, focus, strength)
         return bokeh[0].numpy().transpose(1, 2, 0), mask[0, 0].numpy()

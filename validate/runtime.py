@@ -55,9 +55,17 @@ def onnx_engine(path, threads: int) -> Runner:
 
 
 def tflite_engine(path, threads: int, xnnpack: bool = True, runtime: str = "tensorflow") -> Runner:
-    """The model's first output, through the one TFLite runner (export/runner.py)."""
+    """The model's first output, through the one TFLite runner (export/runner.py); a controls
+    model (photo, focus, strength) runs at its default controls."""
+    from models.pipeline import CONTROLS
+
     runner = TFLiteRunner(path, threads, xnnpack, runtime)
     first = runner.outputs[0]["name"]
+    controls = {d["name"]: np.full(d["shape"], CONTROLS[d["name"]][1], np.float32)
+                for d in runner.inputs if d["name"] in CONTROLS}
+    if controls:
+        (photo,) = (d["name"] for d in runner.inputs if d["name"] not in CONTROLS)
+        return lambda x: runner(**{photo: x, **controls})[first]
     return lambda x: runner(x)[first]
 
 
