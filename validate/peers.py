@@ -18,6 +18,7 @@ analyzer's verdict, XNNPACK partitions and the largest difference from PyTorch.
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import signal
 import subprocess
@@ -43,7 +44,10 @@ TOP_OPS = 5
 
 
 def convert_with_onnx2tf(onnx_path: Path, out_dir: Path, venv: Path) -> Path:
-    """onnx2tf's float32 TFLite of ``onnx_path`` (reused while newer than the ONNX file)."""
+    """onnx2tf's float32 TFLite of ``onnx_path`` (reused while newer than the ONNX file).
+
+    Its conversion time and peak memory go to ``out_dir``.json (see ``onnx2tf_record``).
+    """
     tflite = out_dir / f"{onnx_path.stem}_float32.tflite"
     if tflite.is_file() and tflite.stat().st_mtime > onnx_path.stat().st_mtime:
         return tflite
@@ -62,8 +66,19 @@ def convert_with_onnx2tf(onnx_path: Path, out_dir: Path, venv: Path) -> Path:
                               stdout=sink, stderr=subprocess.STDOUT)
     if done.returncode or not tflite.is_file():
         raise UserError(f"onnx2tf failed (exit {done.returncode}); see {log}")
-    print(f"  ok onnx2tf {time.perf_counter() - start:.0f} s  {tflite}")
+    seconds = time.perf_counter() - start
+    # the largest child this process has waited for: onnx2tf, which runs before any other
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    write_json(out_dir.with_suffix(".json"), {"seconds": round(seconds, 1),
+                                              "peak_rss_mib": round(peak)})
+    print(f"  ok onnx2tf {seconds:.0f} s  {tflite}")
     return tflite
+
+
+def onnx2tf_record(out_dir: Path) -> dict:
+    """Conversion seconds and peak RSS that ``convert_with_onnx2tf`` recorded, if any."""
+    record = out_dir.with_suffix(".json")
+    return read_json(record) if record.is_file() else {}
 
 
 def check_litert_torch_venv(venv: Path) -> Path:
@@ -273,7 +288,8 @@ def bench_peers(export: Path, peers: Path, venv: Path, threads: int, runs: int,
     out_shape = manifest["outputs"][0]["shape"]
     files = [Converted("ours", "ours", export / "nafnet_fp32.tflite")]
     theirs = convert_with_onnx2tf(export / "nafnet_sim.onnx", peers / "onnx2tf", venv)
-    files.append(Converted("onnx2tf", f"onnx2tf {ONNX2TF_VERSION}", theirs))
+    files.append(Converted("onnx2tf", f"onnx2tf {ONNX2TF_VERSION}", theirs,
+                           convert=onnx2tf_record(peers / "onnx2tf")))
     if litert_venv is not None:
         files.append(_litert_entry(reference_model(manifest), shape, 1,
                                    peers / "litert-torch" / "nafnet.tflite", litert_venv,
