@@ -15,7 +15,7 @@ CALIB_SAMPLES ?= 8
 # the file converts but cannot run, after a full calibration (docs/benchmarks.md).
 QUANT_VARIANTS ?= drq,int8
 
-.PHONY: setup test export bench bench-runtime bench-passes bench-peers lint clean train
+.PHONY: setup test export bench bench-runtime bench-passes bench-peers litert-torch-env lint clean train
 
 $(VENV_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -71,10 +71,24 @@ $(PEERS_STAMP):
 		onnx_graphsurgeon sng4onnx psutil ai-edge-litert h5py protobuf 'numpy<2.2'
 	touch $@
 
-bench-peers: $(VENV_STAMP) $(PEERS_STAMP)
+# litert-torch (Google's PyTorch -> LiteRT converter) brings its own converter stack, so it gets
+# its own environment too. torch is pinned to 2.13.0, the CPU wheel on this disk and the version
+# our .venv pickles the reference modules with (litert-torch 0.10.0 takes torch >= 2.4, < 2.15;
+# an unpinned torch pulls a multi-GB CUDA build). About 2.1 GB and under a minute to install.
+LITERT_TORCH_VENV := .venv-litert-torch
+LITERT_TORCH_STAMP := $(LITERT_TORCH_VENV)/.installed
+$(LITERT_TORCH_STAMP):
+	$(PYTHON) -m venv $(LITERT_TORCH_VENV)
+	$(LITERT_TORCH_VENV)/bin/pip install --quiet --disable-pip-version-check litert-torch==0.10.0 \
+		torch==2.13.0 litert-converter==0.5.0 ai-edge-litert==2.3.0
+	touch $@
+
+litert-torch-env: $(LITERT_TORCH_STAMP)
+
+bench-peers: $(VENV_STAMP) $(PEERS_STAMP) $(LITERT_TORCH_STAMP)
 	@test -f $(OUT)/nafnet_fp32.tflite || $(MAKE) export
 	$(BIN)/python -m validate.peers --export $(OUT) --peers build/peers --venv $(PEERS_VENV) \
-		--doc docs/benchmarks.md
+		--litert-torch-venv $(LITERT_TORCH_VENV) --doc docs/benchmarks.md
 
 lint: $(VENV_STAMP)
 	$(BIN)/ruff check .

@@ -144,10 +144,26 @@ def test_peers_table_has_every_interpreter(nafnet_export, tmp_path, capsys):
     shutil.copy(out / "nafnet_fp32.tflite", stand_in)
     doc = tmp_path / "d.md"
     assert peers.main(["--export", str(out), "--peers", str(tmp_path / "peers"), "--runs", "1",
-                       "--threads", "1", "--doc", str(doc)]) == 0
+                       "--threads", "1", "--doc", str(doc), "--no-litert-torch"]) == 0
     result = json.loads((tmp_path / "peers" / "peers.json").read_text())
     assert len(result["rows"]) == 1 + 2 * len(RUNTIMES)
     for ratios in result["ratios"].values():
         assert ratios["onnx2tf_vs_ours_max_abs_diff"] < 1e-5  # the same file twice
+    assert "fused" not in result  # no litert-torch: no peer for the fused model
+    rows = {r["key"]: r for r in result["converters"]}
+    assert rows["ours"]["ops"] == rows["onnx2tf"]["ops"] > 0
+    assert rows["ours"]["max_rank"] <= 4 and rows["ours"]["flex_ops"] == []
+    assert rows["ours"]["gpu_accelerator"] == peers.gpu_accelerator_verdict(stand_in)
     text = doc.read_text()
     assert "<!-- bench:peers -->" in text and "LiteRT" in text and "TF 2.15" in text
+    assert "| converter (file) | MB | ops | top ops | TRANSPOSE |" in text
+
+
+def test_peers_without_litert_torch_env_exit_2(nafnet_export, tmp_path, capsys):
+    from validate import peers
+
+    out, _ = nafnet_export
+    assert peers.main(["--export", str(out), "--litert-torch-venv", str(tmp_path / "none"),
+                       "--doc", str(tmp_path / "d.md")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "make litert-torch-env" in err[0] and "--no-litert-torch" in err[0]
