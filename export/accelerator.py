@@ -18,7 +18,7 @@ SwiftShader):
   1024x1536, so ``gpu_execution_verdict`` runs the GPU in a child process with its own timeout and
   turns every failure there (error, signal, timeout) into a "failed" verdict.
 
-Only ``common`` and third-party packages are imported here (the bottom of the export layer).
+Besides ``common`` and third-party packages, only ``export.runner`` (the file check) is imported.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import json
 import os
 import re
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import UserError
+from export.runner import verify_tflite
 
 ACCELERATORS = ("cpu", "gpu")
 SWIFTSHADER_ICD = Path("/usr/lib/chromium/vk_swiftshader_icd.json")
@@ -170,68 +170,6 @@ def _probe_model() -> bytes:
 # Compile and run, in this process
 
 
-def check_tflite(path: str | Path) -> Path:
-    """``path`` as a Path if it is a readable TFLite flatbuffer, else a one-line UserError."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if not path.is_file():
-        raise UserError(f"{path}: not a file")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if len(data) < 8 or data[4:8] != b"TFL3":
-        raise UserError(f"{path}: not a TFLite model (no TFL3 flatbuffer identifier)")
-    if problem := _flatbuffer_problem(data):
-        raise UserError(f"{path}: broken TFLite model ({problem})")
-    return path
-
-
-def _flatbuffer_problem(data: bytes) -> str | None:
-    """Why ``data`` is not a whole TFLite flatbuffer, or None. LiteRT does not verify what it
-    loads: a truncated file kills the process with SIGSEGV (measured, CPU and GPU alike), so
-    every table and vector it will follow is read here first, where a bad offset only raises."""
-    from ai_edge_litert import schema_py_generated as s
-
-    try:
-        model = s.Model.GetRootAs(data, 0)
-        n_codes, n_buffers = model.OperatorCodesLength(), model.BuffersLength()
-        for i in range(n_codes):
-            model.OperatorCodes(i).BuiltinCode()
-        for i in range(n_buffers):
-            buffer = model.Buffers(i)
-            if buffer.Offset() > 1 and buffer.Offset() + buffer.Size() > len(data):
-                return f"buffer {i} ends past the end of the file"
-            if not buffer.DataIsNone():
-                buffer.DataAsNumpy()
-        if not model.SubgraphsLength():
-            return "no subgraph"
-        for g in range(model.SubgraphsLength()):
-            graph = model.Subgraphs(g)
-            n_tensors = graph.TensorsLength()
-            for t in range(n_tensors):
-                tensor = graph.Tensors(t)
-                if not tensor.ShapeIsNone():
-                    tensor.ShapeAsNumpy()
-                if not 0 <= tensor.Buffer() < max(n_buffers, 1):
-                    return f"tensor {t} names buffer {tensor.Buffer()} of {n_buffers}"
-            indices = [graph.InputsAsNumpy(), graph.OutputsAsNumpy()]
-            for o in range(graph.OperatorsLength()):
-                op = graph.Operators(o)
-                if not 0 <= op.OpcodeIndex() < n_codes:
-                    return f"operator {o} names op code {op.OpcodeIndex()} of {n_codes}"
-                indices += [op.InputsAsNumpy(), op.OutputsAsNumpy()]
-            for index in indices:
-                if isinstance(index, np.ndarray) and index.size and (
-                        index.min() < -1 or index.max() >= n_tensors):
-                    return f"subgraph {g} names a tensor outside its {n_tensors}"
-    except (IndexError, ValueError, TypeError, struct.error) as exc:
-        return (f"truncated or corrupt flatbuffer: {type(exc).__name__} while reading it, "
-                f"the file has {len(data)} bytes")
-    return None
-
-
 def compile_model(path: str | Path, accelerator: str = "cpu", *, cpu_fallback: bool = False,
                   threads: int = 1):
     """A LiteRT ``CompiledModel`` of ``path`` on ``accelerator`` (one of ACCELERATORS).
@@ -244,7 +182,7 @@ def compile_model(path: str | Path, accelerator: str = "cpu", *, cpu_fallback: b
     from ai_edge_litert.hardware_accelerator import HardwareAccelerator as HA
     from ai_edge_litert.options import CpuOptions, Options
 
-    path = check_tflite(path)
+    path = verify_tflite(path)
     _check_accelerator(accelerator)
     accel = HA.CPU
     if accelerator == "gpu":
@@ -368,7 +306,7 @@ def fully_accelerated(path: str | Path, *, timeout_s: float = GPU_TIMEOUT_S
     """``(True, [])`` when the GPU accelerator takes every op of ``path``; else ``(False,
     ["OP: reason", ...])`` for the ops that fall back to the CPU, or ``(False, [why])`` when
     the GPU could not be asked (no device, a failure)."""
-    path = check_tflite(path)
+    path = verify_tflite(path)
     ok, device = gpu_device()
     if not ok:
         return False, [f"no GPU device: {device}"]
@@ -396,7 +334,7 @@ def gpu_execution_verdict(path: str | Path, inputs=None, *, timeout_s: float = G
     ``inputs`` as for ``run_compiled``; ``None``: random uniform [0, 1) from ``seed``. A missing
     or bad file, or inputs that do not fit, raise ``UserError``.
     """
-    path = check_tflite(path)
+    path = verify_tflite(path)
     ok, device = gpu_device()
     if not ok:
         return {"status": "not tried", "reason": f"no GPU device: {device}"}
