@@ -66,9 +66,10 @@ _CHILD_CODE = "import sys; from export.accelerator import _child_main; _child_ma
 class AcceleratorError(RuntimeError):
     """The GPU accelerator refused or failed a model; ``log`` keeps LiteRT's native log."""
 
-    def __init__(self, message: str, log: str = ""):
+    def __init__(self, message: str, log: str = "", seconds: dict | None = None):
         super().__init__(message)
         self.log = log
+        self.seconds = seconds or {}  # compile / run seconds reached before it failed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,36 +354,56 @@ def gpu_execution_verdict(path: str | Path, inputs=None, *, timeout_s: float = G
     cpu_s = time.perf_counter() - start
     base = {"device": device, "inputs": "given" if inputs is not None
             else INPUTS_NOTE.format(seed=seed), "cpu_seconds": round(cpu_s, 2)}
+    try:
+        outputs, seconds = _gpu_outputs(path, feeds, timeout_s)
+    except AcceleratorError as exc:
+        return {"status": "failed", "reason": str(exc), **base, **exc.seconds}
+    diffs = {}
+    for name, ref in reference.items():
+        got = outputs.get(name)
+        if got is None or got.shape != ref.shape:
+            return {**base, **seconds, "status": "failed",
+                    "reason": f"GPU output {name!r} missing or of another shape"}
+        bad = int(np.size(got) - np.isfinite(got).sum())
+        if bad:
+            return {**base, **seconds, "status": "failed",
+                    "reason": f"GPU output {name!r} has {bad} NaN/Inf values"}
+        diffs[name] = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max())
+    return {"status": "ran", "max_abs_vs_cpu": max(diffs.values(), default=0.0),
+            "max_abs_by_output": diffs, **base, **seconds}
+
+
+def _gpu_outputs(path: Path, feeds: dict[str, np.ndarray], timeout_s: float
+                 ) -> tuple[dict[str, np.ndarray], dict]:
+    """One inference on the GPU accelerator alone, in a child process: outputs by name and the
+    compile/run seconds; ``AcceleratorError`` with the reason when the GPU could not run it."""
     with tempfile.TemporaryDirectory(prefix="bokehlite-gpu-") as tmp:
         np.savez(Path(tmp) / "inputs.npz", **feeds)
         result, log, failure = _in_child(
             {"mode": "run", "path": str(path.resolve()), "accel": "gpu"}, Path(tmp), timeout_s)
         outputs_file = Path(tmp) / "outputs.npz"
+        outputs = None
         if not failure and not result.get("error") and outputs_file.is_file():
             with np.load(outputs_file) as data:
                 outputs = {n: data[n] for n in data.files}
-        else:
-            outputs = None
     seconds = {k: result[k] for k in ("compile_seconds", "run_seconds") if k in result}
     if outputs is None:
         reason = failure or _gpu_failure(result.get("error", ""), log)
         if failure and _TIMEOUT_MARKS[0] not in log:
             reason += f" (stage reached: {result.get('stage', 'start')})"
-        return {"status": "failed", "reason": reason, **base, **seconds}
-    diffs = {}
-    for name, ref in reference.items():
-        got = outputs.get(name)
-        if got is None or got.shape != ref.shape:
-            return {"status": "failed", **base, **seconds,
-                    "reason": f"GPU output {name!r} missing or of another shape"}
-        bad = int(np.size(got) - np.isfinite(got).sum())
-        if bad:
-            return {"status": "failed", **base, **seconds,
-                    "reason": f"GPU output {name!r} has {bad} NaN/Inf values"}
-        diffs[name] = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max())
-    return {"status": "ran", "fully_accelerated": bool(result.get("fully_accelerated")),
-            "max_abs_vs_cpu": max(diffs.values(), default=0.0), "max_abs_by_output": diffs,
-            **base, **seconds}
+        raise AcceleratorError(reason, log, seconds)
+    return outputs, {**seconds, "fully_accelerated": bool(result.get("fully_accelerated"))}
+
+
+def run_on_gpu(path: str | Path, feeds: Mapping[str, np.ndarray], *,
+               timeout_s: float = GPU_TIMEOUT_S) -> dict[str, np.ndarray]:
+    """Outputs of one inference of ``path`` on the GPU accelerator alone (no CPU fallback), in a
+    child process so a crash or a hang of the native code cannot take this one down."""
+    path = verify_tflite(path)
+    ok, device = gpu_device()
+    if not ok:
+        raise UserError(f"no GPU device: {device}; {SETUP_HINT}")
+    return _gpu_outputs(path, dict(feeds), timeout_s)[0]
 
 
 def unsupported_ops(log: str) -> list[str]:
