@@ -69,10 +69,19 @@ def summary_text(report: dict) -> str:
             f"  {name}: {human_bytes(v['bytes'])}, {sum(v['ops'].values())} ops ({top} ...), "
             f"Flex ops: {', '.join(v['flex_ops']) or 'none'}, max rank {v['max_rank']}, "
             f"GPU delegate: {'compatible' if v['gpu_compatible'] else 'ISSUES'}")
+    for name, v in report.get("gpu_execution", {}).items():
+        lines.append(f"  GPU execution {name}: {gpu_execution_line(v)}")
     for name, p in report.get("parity", {}).items():
         lines.append(f"  parity {name}: {'PASS' if p['passed'] else 'FAIL'} "
                      f"({p['summary']})")
     return "\n".join(lines) + "\n"
+
+
+def gpu_execution_line(verdict: dict) -> str:
+    """'ran (max abs vs CPU 1.3e-06)', 'failed: why' or 'not tried: why'."""
+    if verdict["status"] == "ran":
+        return f"ran (max abs vs CPU {verdict['max_abs_vs_cpu']:.1e})"
+    return f"{verdict['status']}: {verdict.get('reason', '')}"
 
 
 def record_parity(report_path: str | Path, manifest: dict, result: dict) -> bool:
@@ -82,7 +91,15 @@ def record_parity(report_path: str | Path, manifest: dict, result: dict) -> bool
     report = read_json(report_path)
     if report.get("run_id") != manifest.get("run_id"):
         return False
-    report.setdefault("parity", {})[result["tflite"]] = result
+    on_gpu = result.get("accelerator") == "gpu"
+    report.setdefault("parity", {})[result["tflite"] + (" on GPU" if on_gpu else "")] = result
+    if on_gpu:  # the GPU-execution verdict, beside the analyzer's
+        vs_cpu = next(s for s in result["stages"] if s["stage"].endswith(" vs CPU"))
+        errors = [r["error"] for r in vs_cpu["inputs"] if "error" in r]
+        report.setdefault("gpu_execution", {})[result["tflite"]] = (
+            {"status": "failed", "reason": errors[0]} if errors else
+            {"status": "ran", "max_abs_vs_cpu": vs_cpu["max_abs_diff"],
+             "within_tolerance": vs_cpu["passed"], "by": "bokeh parity --accelerator gpu"})
     write_report(report_path.parent, report)
     return True
 

@@ -28,6 +28,7 @@ from export.accelerator import (
 # relative), which the export's fp16 tolerances cover; 1e-4 here would catch a wrong kernel
 # without flagging float reassociation.
 GPU_VS_CPU_ATOL = 1e-4
+pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def gpu():
 
 
 def _tiny_tflite(folder, name, fn, shape, flex=False):
-    from export.tflite_stage import quiet_tensorflow
+    from common.quiet import quiet_tensorflow
 
     tf = quiet_tensorflow()
     fn = tf.function(fn, input_signature=[tf.TensorSpec(shape, tf.float32)])
@@ -175,3 +176,24 @@ def test_a_flex_model_gets_a_failed_verdict(gpu, tmp_path):
     assert "FlexErf" in verdict["reason"]
     ok, why = fully_accelerated(flex)
     assert not ok and "FlexErf" in why[0], why
+
+
+@pytest.mark.parametrize("variant", ["fp32", "fp16"])
+def test_parity_on_the_gpu_accelerator(gpu, fused_export, variant, capsys):
+    """`bokeh parity --accelerator gpu`: the fused model on the GPU against PyTorch (the
+    manifest's tolerance) and against the CPU (1e-4: SwiftShader computes in fp32); the
+    verdict lands in report.json beside the analyzer's."""
+    import json
+
+    from tools.cli import main as bokeh
+
+    out, _ = fused_export
+    code = bokeh(["parity", "--tflite", str(out / f"bokeh_{variant}.tflite"), "--tflite-only",
+                  "--num-random", "1", "--accelerator", "gpu"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "on GPU vs CPU" in printed and "PASS" in printed
+    report = json.loads((out / "report.json").read_text())
+    verdict = report["gpu_execution"][f"bokeh_{variant}.tflite"]
+    assert verdict["status"] == "ran" and verdict["max_abs_vs_cpu"] <= GPU_VS_CPU_ATOL
+    assert report["parity"][f"bokeh_{variant}.tflite on GPU"]["passed"]

@@ -52,6 +52,10 @@ def parity_parser(prog: str = "validate parity") -> argparse.ArgumentParser:
                      help="random inputs when no --images (default %(default)s)")
     par.add_argument("--tflite-only", action="store_true",
                      help="check the TFLite file alone, not the earlier stages")
+    par.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu",
+                     help="run the TFLite file on LiteRT's CPU (XNNPACK) or GPU accelerator; "
+                          "gpu also compares it with the CPU (default %(default)s; a GPU "
+                          "device: make setup-gpu)")
     par.add_argument("--pair", action="append", type=control_pair, metavar="FOCUS,STRENGTH",
                      help="a controls model (bokeh_controls_*.tflite): check at this (focus, "
                           "strength), repeatable (default: 1,1 0,1 0.5,0.5 0.25,0.75; 1,1 is "
@@ -91,7 +95,8 @@ def parity_main(argv: list[str] | None = None, prog: str = "validate parity") ->
         print(f"Parity of {args.tflite} against PyTorch:")
         result = run_parity(args.tflite, args.checkpoint, args.images, args.atol,
                             args.num_random, tflite_only=args.tflite_only,
-                            control_pairs=args.pair or CONTROL_PAIRS)
+                            control_pairs=args.pair or CONTROL_PAIRS,
+                            accelerator=args.accelerator)
         print(format_table(result))
         if args.json:
             write_json(args.json, result)

@@ -32,6 +32,10 @@ from models.pipeline import BokehPipeline
 # (focus, strength) pairs a controls model is checked at: the defaults (the plain model's
 # output), far focus, and two in-between settings.
 CONTROL_PAIRS = ((1.0, 1.0), (0.0, 1.0), (0.5, 0.5), (0.25, 0.75))
+# GPU accelerator vs the same file on the CPU: SwiftShader computes in fp32 like XNNPACK, so the
+# two agree to float rounding (measured <= 1.5e-6 up to 1024x1536); a phone GPU computes in fp16,
+# which the manifest's fp16 tolerance against PyTorch covers.
+GPU_VS_CPU = 1e-4
 
 
 @dataclass
@@ -168,6 +172,17 @@ def stage_runner(stage: dict, folder: Path) -> Callable[[np.ndarray], dict[str, 
 
         def run(x):
             return runner(**x) if isinstance(x, dict) else runner(x)
+    elif engine == "tflite-gpu":  # LiteRT's GPU accelerator alone, in a child process
+        from export.accelerator import AcceleratorError, run_on_gpu
+
+        names = [d["name"] for d in TFLiteRunner(path).inputs]
+
+        def run(x):
+            feeds = {n: x[n] for n in names} if isinstance(x, dict) else {names[0]: x}
+            try:
+                return run_on_gpu(path, feeds)
+            except AcceleratorError as exc:
+                return {"error": str(exc)}
     else:
         raise UserError(f"unknown engine {engine!r} for stage {stage['name']}")
     if nchw:
@@ -222,7 +237,7 @@ def compare(reference: np.ndarray, output: np.ndarray) -> dict:
 def stage_tolerance(stage: dict, manifest: dict, atol: float | None) -> dict[str, dict]:
     """Per output: the TFLite file's manifest tolerance; fp32 defaults for earlier stages;
     ``--atol`` replaces every absolute bound."""
-    if stage["engine"] == "tflite":
+    if stage["engine"] in ("tflite", "tflite-gpu"):
         tol = manifest["tolerance"]
     else:
         tol = TOLERANCE[stage.get("role", manifest["model"])]["fp32"]
@@ -238,6 +253,18 @@ def _within(row: dict, tol: dict) -> bool:
             and row["psnr_db"] >= tol.get("min_psnr", -math.inf))
 
 
+def _once_per_input(run):
+    """The same outputs again for the same input object (one GPU inference serves two checks)."""
+    seen: dict[int, dict] = {}
+
+    def cached(x):
+        if id(x) not in seen:
+            seen[id(x)] = run(x)
+        return seen[id(x)]
+
+    return cached
+
+
 def _check_stage(stage: dict, run, inputs, expected, tol) -> dict:
     role = stage.get("role", "nafnet")
     rows = []
@@ -246,7 +273,9 @@ def _check_stage(stage: dict, run, inputs, expected, tol) -> dict:
         for name in tol:
             want = ref[role].get(name) if "against" not in stage else ref[stage["against"]][name]
             row = {"input": inp.label, "output": name}
-            if name not in got:
+            if "error" in got:  # the engine could not run this input (GPU accelerator)
+                row["error"] = got["error"]
+            elif name not in got:
                 row["error"] = f"no output named {name!r} (has {sorted(got)})"
             elif got[name].shape != want.shape:
                 row["error"] = f"shape {list(got[name].shape)} != {list(want.shape)}"
@@ -268,13 +297,19 @@ def run_parity(
     echo: Callable[[str], None] = print,
     tflite_only: bool = False,
     control_pairs=CONTROL_PAIRS,
+    accelerator: str = "cpu",
 ) -> dict:
     """Diff every stage present against PyTorch; the result says per stage whether it passed.
 
     A reduced-precision variant is also compared with its fp32 sibling when that file exists.
     A controls model runs every input at each (focus, strength) of ``control_pairs`` and, at
     its defaults, is also compared with the plain model beside it (fp32 tolerance: equal).
+    With ``accelerator="gpu"`` the TFLite file runs on LiteRT's GPU accelerator, checked against
+    PyTorch with the manifest's tolerance and against the same file on the CPU within
+    ``GPU_VS_CPU`` (docs/design.md, section 9).
     """
+    if accelerator not in ("cpu", "gpu"):
+        raise UserError(f"unknown accelerator {accelerator!r}; choose cpu or gpu")
     tflite = Path(tflite)
     manifest, folder = read_manifest(tflite)
     reference = Reference(manifest, checkpoint)
@@ -289,12 +324,26 @@ def run_parity(
     kind = manifest["model"]
     final = {"name": f"tflite-{manifest.get('variant', '')}".rstrip("-"), "engine": "tflite",
              "path": tflite.name, "layout": "NHWC", "role": kind}
+    if accelerator == "gpu":
+        from export.accelerator import gpu_device
+
+        found, device = gpu_device()
+        if not found:
+            raise UserError(f"--accelerator gpu: no GPU device ({device}); make setup-gpu "
+                            "installs a software one")
+        echo(f"  GPU accelerator: {device}")
+        cpu_run = stage_runner(final, folder)
+        for ref in expected:
+            ref["cpu"] = cpu_run(ref[kind]["input"])
+        final = {**final, "name": final["name"] + " on GPU", "engine": "tflite-gpu"}
     earlier = [] if tflite_only else manifest["stages"]
     stages = [s for s in earlier if (folder / s["path"]).exists()] + [final]
     results = []
+    runners = {final["name"]: _once_per_input(stage_runner(final, folder))}
     for stage in stages:
         echo(f"  running {stage['name']} ...")
-        results.append(_check_stage(stage, stage_runner(stage, folder), inputs, expected,
+        run = runners.get(stage["name"]) or stage_runner(stage, folder)
+        results.append(_check_stage(stage, run, inputs, expected,
                                     stage_tolerance(stage, manifest, atol)))
     sibling = tflite.with_name(tflite.name.replace(f"_{manifest.get('variant')}.", "_fp32."))
     if manifest.get("variant", "fp32") != "fp32" and sibling.is_file():
@@ -304,6 +353,11 @@ def run_parity(
         results.append(_check_stage({**final, "name": f"{final['name']} vs {sibling.name}",
                                      "against": sibling.name}, stage_runner(final, folder),
                                     inputs, expected, stage_tolerance(final, manifest, atol)))
+    if accelerator == "gpu":
+        tol = {name: {"atol": GPU_VS_CPU} for name in stage_tolerance(final, manifest, None)}
+        results.append(_check_stage({**final, "name": f"{final['name']} vs CPU",
+                                     "against": "cpu"}, runners[final["name"]],
+                                    inputs, expected, tol))
     plain = tflite.with_name(tflite.name.replace("bokeh_controls_", "bokeh_", 1))
     at_defaults = [(i, r) for i, r in zip(inputs, expected, strict=True)
                    if i.controls == defaults]
@@ -320,6 +374,7 @@ def run_parity(
     last = next(r for r in results if r["stage"] == final["name"])
     return {
         "tflite": tflite.name, "model": kind, "variant": manifest.get("variant"),
+        "accelerator": accelerator,
         "inputs": [i.label for i in inputs], "stages": results,
         "passed": all(r["passed"] for r in results),
         "max_abs_diff": last["max_abs_diff"],
