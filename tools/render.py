@@ -1,8 +1,9 @@
 """`python -m tools.render PHOTO... --out DIR`: bokeh PNGs from the phone model or from PyTorch.
 
 With ``--tflite`` (default ``build/export/bokeh_fp32.tflite``) the fused model computes the depth
-mask itself; with ``--checkpoint`` the PyTorch reference pipeline (DPT + NAFNet) does, and then a
-real depth net (``--dpt-weights``) is required, since a random one makes a meaningless render.
+mask itself; with ``--checkpoint`` the PyTorch reference pipeline (depth net + NAFNet) does, and
+then a real depth net (``--depth-weights``, ``--depth`` to name it) is required, since a random one
+makes a meaningless render.
 Photos of any size go in: each is fitted into the model's static size (scaled, reflect-padded) and
 the output is mapped back to the photo's own size. ``--compare`` also writes one side-by-side PNG
 per photo: input | disparity as a colour map | bokeh.
@@ -28,7 +29,7 @@ DEFAULT_TFLITE = "build/export/bokeh_fp32.tflite"
 def compare_image(rgb: np.ndarray, mask: np.ndarray, bokeh: np.ndarray, label: str,
                   height: int | None = None) -> np.ndarray:
     """input | disparity (inferno) | output, labelled."""
-    return labelled_row([("input", rgb), ("disparity (DPT mask, inferno)", colorize(mask)),
+    return labelled_row([("input", rgb), ("disparity (depth mask, inferno)", colorize(mask)),
                          (f"bokeh: {label}", bokeh)], height=height)
 
 
@@ -73,9 +74,16 @@ def build_parser(prog: str = "bokeh render") -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--tflite", help=f"fused bokeh_*.tflite (default {DEFAULT_TFLITE})")
     src.add_argument("--checkpoint", help="NAFNet checkpoint: render with PyTorch instead")
-    p.add_argument("--dpt-weights", help="MiDaS DPT file for --checkpoint (dpt_hybrid_384.pt)")
-    p.add_argument("--allow-random-dpt", action="store_true",
-                   help="with --checkpoint and no --dpt-weights: random depth (meaningless)")
+    p.add_argument("--depth", metavar="NAME",
+                   help="depth net for --checkpoint (models/depth.py: dpt-hybrid, dpt-large, "
+                        "midas-small, depth-anything-v2-small); default: the net "
+                        "--depth-weights is")
+    p.add_argument("--depth-weights", "--dpt-weights", dest="depth_weights", metavar="FILE",
+                   help="the depth net's file for --checkpoint (dpt_hybrid_384.pt, "
+                        "midas_v21_small_256.pt, ...; --dpt-weights is the old name)")
+    p.add_argument("--allow-random-depth", "--allow-random-dpt", dest="allow_random_depth",
+                   action="store_true",
+                   help="with --checkpoint and no --depth-weights: random depth (meaningless)")
     p.add_argument("--size", help="PyTorch only: render at HEIGHTxWIDTH (default: each "
                                   "photo's own size)")
     p.add_argument("--compare", action="store_true",
@@ -99,11 +107,11 @@ def _run(args: argparse.Namespace) -> int:
 
     photos = collect_photos(args.photos)
     if args.checkpoint:
-        renderer = TorchRenderer(args.checkpoint, args.dpt_weights, args.allow_random_dpt,
-                                 parse_size(args.size))
+        renderer = TorchRenderer(args.checkpoint, args.depth_weights, args.allow_random_depth,
+                                 parse_size(args.size), depth=args.depth)
     else:
-        if args.size or args.dpt_weights or args.allow_random_dpt:
-            raise UserError("--size, --dpt-weights and --allow-random-dpt go with "
+        if args.size or args.depth or args.depth_weights or args.allow_random_depth:
+            raise UserError("--size, --depth, --depth-weights and --allow-random-depth go with "
                             "--checkpoint; a TFLite model has its own size and depth net")
         if not args.tflite and not Path(DEFAULT_TFLITE).is_file():
             raise UserError(f"{DEFAULT_TFLITE}: no such TFLite file; run `make export` "
