@@ -7,7 +7,12 @@ OUT ?= build/export
 HEIGHT ?= 1024
 WIDTH ?= 1536
 NAFNET_CKPT ?=
+# The depth net to fuse (models/depth.py): dpt-hybrid (the paper's), dpt-large, midas-small,
+# depth-anything-v2-small; empty: the net DEPTH_WEIGHTS is, else dpt-hybrid. DPT_WEIGHTS is the
+# old name of DEPTH_WEIGHTS.
+DEPTH ?=
 DPT_WEIGHTS ?=
+DEPTH_WEIGHTS ?= $(DPT_WEIGHTS)
 EXPORT_ARGS ?=
 CALIB_DIR ?=
 CALIB_SAMPLES ?= 8
@@ -15,7 +20,7 @@ CALIB_SAMPLES ?= 8
 # the file converts but cannot run, after a full calibration (docs/benchmarks.md).
 QUANT_VARIANTS ?= drq,int8
 
-.PHONY: setup test export bench bench-runtime bench-passes bench-peers litert-torch-env lint clean train
+.PHONY: setup test export bench bench-depth bench-runtime bench-passes bench-peers litert-torch-env lint clean train
 
 $(VENV_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +37,8 @@ test: $(VENV_STAMP)
 export: $(VENV_STAMP)
 	$(BIN)/bokeh export --export-dir $(OUT) --overwrite --height $(HEIGHT) --width $(WIDTH) \
 		$(if $(NAFNET_CKPT),--checkpoint $(NAFNET_CKPT)) \
-		$(if $(DPT_WEIGHTS),--dpt-weights $(DPT_WEIGHTS)) \
+		$(if $(DEPTH),--depth $(DEPTH)) \
+		$(if $(DEPTH_WEIGHTS),--depth-weights $(DEPTH_WEIGHTS)) \
 		--quant-variants '$(QUANT_VARIANTS)' --calib-samples $(CALIB_SAMPLES) \
 		$(if $(CALIB_DIR),--calib-dir $(CALIB_DIR)) \
 		$(EXPORT_ARGS)
@@ -50,6 +56,12 @@ export: $(VENV_STAMP)
 
 bench: $(VENV_STAMP)
 	$(BIN)/bokeh bench --export-dir $(OUT) --height $(HEIGHT) --width $(WIDTH) \
+		--doc docs/benchmarks.md
+
+# The depth-net table alone (also part of bench): every official depth net fused at
+# HEIGHTxWIDTH, one export each in build/bench-depth/NAME, timed against NAFNet alone and PyTorch.
+bench-depth: $(VENV_STAMP)
+	$(BIN)/python -m validate.bench --depth-table --height $(HEIGHT) --width $(WIDTH) \
 		--doc docs/benchmarks.md
 
 # Every engine of the export (PyTorch, onnxruntime, each TFLite at 1/2/4 threads, XNNPACK on/off):

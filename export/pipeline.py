@@ -7,7 +7,7 @@ with per-stage timings, op histograms, Flex ops, maximum rank and the GPU-compat
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import platform
 from collections.abc import Callable
 from pathlib import Path
@@ -22,16 +22,15 @@ from export.quantize import QUANT_VARIANTS, write_quant_variants
 from export.report import StageLog, banner, summary_text, write_report
 from models.nafnet import PAPER_CONFIG, load_nafnet, random_nafnet
 
-DPT_VARIANTS = ("hybrid", "large", "tiny")
 RANDOM_WEIGHTS_WARNING = (
     "NO CHECKPOINT GIVEN: NAFNet has deterministic RANDOM weights (seed {seed}). The files prove "
     "the conversion, not the rendering. Pass --checkpoint (make export NAFNET_CKPT=...) for a "
     "real model."
 )
-RANDOM_DPT_WARNING = (
-    "NO DPT WEIGHTS GIVEN: the depth net is a RANDOM DPT-{variant} (seed {seed}), so the depth "
-    "mask is MEANINGLESS. Parity still proves the conversion. Pass --dpt-weights "
-    "(make export DPT_WEIGHTS=dpt_hybrid_384.pt) for real depth."
+RANDOM_DEPTH_WARNING = (
+    "NO DEPTH WEIGHTS GIVEN: the depth net is a RANDOM {name} ({title}, seed {seed}), so the "
+    "depth mask is MEANINGLESS. Parity still proves the conversion. Pass --depth-weights "
+    "(make export DEPTH={name} DEPTH_WEIGHTS={file}) for real depth."
 )
 
 
@@ -43,22 +42,25 @@ def load_generator(checkpoint: str | Path | None, seed: int = 0) -> tuple[torch.
     return random_nafnet(PAPER_CONFIG, seed), {"checkpoint": None, "random_seed": seed}
 
 
-def load_depth_net(weights: str | Path | None, variant: str = "hybrid",
-                   seed: int = 0) -> tuple[torch.nn.Module, dict]:
-    """The PyTorch DPT to port and its manifest record (official file, else random weights)."""
-    from models.dpt import DPT, default_dpt_config, random_dpt, tiny_dpt_config
+def resolve_depth_name(name: str | None, weights: str | Path | None) -> str:
+    """The registered depth net to fuse: ``name`` (old ``--dpt-variant`` values too); without
+    one, the net the weights file is, else the default (DPT-Hybrid, the paper's)."""
+    from models.depth import DEFAULT_DEPTH, checkpoint_net, depth_net
 
-    if weights:
-        model = DPT.from_midas_checkpoint(weights)
-        record = {"checkpoint": str(Path(weights).resolve()), "random_seed": None}
-    else:
-        if variant not in DPT_VARIANTS:
-            raise UserError(f"unknown DPT variant {variant!r}; expected one of {DPT_VARIANTS}")
-        config = (tiny_dpt_config("hybrid") if variant == "tiny"
-                  else default_dpt_config(variant))
-        model = random_dpt(config, seed)
-        record = {"checkpoint": None, "random_seed": seed}
-    return model.eval(), {**record, "config": dataclasses.asdict(model.config)}
+    if name:
+        return depth_net(name).name
+    return (checkpoint_net(weights) if weights else None) or DEFAULT_DEPTH
+
+
+def load_depth_net(weights: str | Path | None, name: str | None = None,
+                   seed: int = 0) -> tuple[torch.nn.Module, dict]:
+    """The PyTorch depth net to port (its file, else random weights) and its manifest record
+    (models/depth.py; the input size is added once known)."""
+    from models.depth import depth_record, load_depth_model
+
+    name = resolve_depth_name(name, weights)
+    model = load_depth_model(name, weights, seed)
+    return model, depth_record(name, model, weights, seed)
 
 
 def _software_versions() -> dict:
@@ -86,9 +88,9 @@ def export(
     height: int = 1024,
     width: int = 1536,
     checkpoint: str | Path | None = None,
-    dpt_weights: str | Path | None = None,
-    dpt_variant: str = "hybrid",
-    dpt_short_side: int = 384,
+    depth: str | None = None,
+    depth_weights: str | Path | None = None,
+    depth_short_side: int | None = None,
     fuse: bool = True,
     controls: bool = False,
     variants: tuple[str, ...] = ("fp32", "fp16"),
@@ -99,9 +101,21 @@ def export(
     seed: int = 0,
     overwrite: bool = False,
     echo: Callable[[str], None] = print,
+    dpt_weights: str | Path | None = None,
+    dpt_variant: str | None = None,
+    dpt_short_side: int | None = None,
+    reuse_nafnet: str | Path | None = None,
 ) -> dict:
-    """Export NAFNet (photo + mask in) and, with ``fuse``, the fused DPT + NAFNet model
+    """Export NAFNet (photo + mask in) and, with ``fuse``, the fused depth net + NAFNet model
     (photo in), every stage and TFLite variant, NHWC; return the report.
+
+    ``depth`` names a net of models/depth.py (default: the net ``depth_weights`` is, else
+    DPT-Hybrid); ``depth_weights`` is its file (default: random weights, said loudly);
+    ``depth_short_side`` its input short side (default: the net's own). ``dpt_weights``,
+    ``dpt_variant`` (hybrid, large, tiny) and ``dpt_short_side`` are their old names.
+    ``reuse_nafnet``: an export folder of the same NAFNet (weights, size, opset) whose ONNX,
+    SavedModel and frozen graph are copied instead of converted again (to fuse several depth
+    nets with one NAFNet conversion).
 
     With ``controls`` (and ``fuse``) the fused model is also written with two more inputs,
     ``focus`` and ``strength`` (export/fuse.py), as ``bokeh_controls_{variant}.tflite``; the plain
@@ -125,63 +139,88 @@ def export(
         raise UserError("quantized variants need calibration data (calibration_set)")
     if not 12 <= opset <= 15:
         raise UserError(f"opset {opset} is outside 12-15, the range onnx-tf 1.10 converts")
-    if fuse and (dpt_short_side < 32 or dpt_short_side % 32):
-        raise UserError(f"--dpt-short-side {dpt_short_side} must be a positive multiple of 32")
+    depth_weights = _same("--depth-weights", depth_weights, "--dpt-weights", dpt_weights)
+    depth_short_side = _same("--depth-short-side", depth_short_side, "--dpt-short-side",
+                             dpt_short_side)
+    if dpt_variant is not None:
+        from models.depth import depth_net
+
+        old = depth_net(dpt_variant).name
+        depth = _same("--depth", depth and depth_net(depth).name, "--dpt-variant", old)
+    if fuse and depth:  # a bad name or short side fails before anything is loaded
+        from models.depth import depth_input_size
+
+        depth_input_size(depth, height, width, depth_short_side)
     folder.check(out_dir, overwrite)  # before loading anything: a bad folder fails at once
     model, weights = load_generator(checkpoint, seed)
     warnings = [RANDOM_WEIGHTS_WARNING.format(seed=seed)] if checkpoint is None else []
-    depth = None
+    config = dict(model.config)
+    if reuse_nafnet is not None:
+        reuse_nafnet = _reusable_nafnet(Path(reuse_nafnet), height, width, opset, weights, config)
+    record = None
     if fuse:
-        from models.dpt import dpt_input_size
+        from models.depth import depth_input_size, depth_net
 
-        dpt, dpt_record = load_depth_net(dpt_weights, dpt_variant, seed)
-        dpt_size = dpt_input_size(height, width, dpt_short_side)
-        depth = {**dpt_record, "input_size": list(dpt_size)}
-        if dpt_weights is None:
-            warnings.append(RANDOM_DPT_WARNING.format(variant=dpt_variant, seed=seed))
+        depth_model, record = load_depth_net(depth_weights, depth, seed)
+        net = depth_net(record["name"])
+        depth_size = depth_input_size(net.name, height, width, depth_short_side)
+        record["input_size"] = list(depth_size)
+        if depth_weights is None:
+            warnings.append(RANDOM_DEPTH_WARNING.format(
+                name=net.name, title=net.title, seed=seed, file=net.official_file or "FILE"))
     out, staging, run_id = folder.begin(out_dir, overwrite)
     for w in warnings:
         echo(banner(w))
 
-    config = dict(model.config)
     log = StageLog(staging, echo)
     report = {
         "run_id": run_id, "height": height, "width": width, "nafnet_config": config,
-        "weights": weights, "dpt": depth, "warnings": warnings, "opset": opset,
+        "weights": weights, "depth": record, "warnings": warnings, "opset": opset,
         "software": _software_versions(), "stages": log.stages, "variants": {},
     }
     base = {"format": MANIFEST_FORMAT, "run_id": run_id, "nafnet_config": config,
-            "weights": weights, "dpt": depth, "warnings": warnings, "height": height,
+            "weights": weights, "depth": record, "warnings": warnings, "height": height,
             "width": width, "report": "report.json"}
     try:
         echo(f"Exporting NAFNet{tuple(config['enc_blocks'])} width {config['width']} at "
              f"{height}x{width} to {out}/ (run {run_id})")
-        nafnet_stages, saved, report["rewrites"] = _nafnet_graphs(
-            model, staging, height, width, opset, log)
-        fn = tf_stages.nchw_to_nhwc_function(saved, (1, height, width, config["in_channels"]))
-        frozen, io_spec = log.run("freeze", tf_stages.freeze, fn, staging / "nafnet_frozen.pb")
-        nafnet_stages.append(_stage("frozen-graph", "frozen_graph", frozen, "NHWC", io_spec))
+        if reuse_nafnet is None:
+            nafnet_stages, saved, report["rewrites"] = _nafnet_graphs(
+                model, staging, height, width, opset, log)
+            fn = tf_stages.nchw_to_nhwc_function(saved, (1, height, width,
+                                                         config["in_channels"]))
+            frozen, io_spec = log.run("freeze", tf_stages.freeze, fn,
+                                      staging / "nafnet_frozen.pb")
+            nafnet_stages.append(_stage("frozen-graph", "frozen_graph", frozen, "NHWC", io_spec))
+        else:
+            report["nafnet_reused_from"] = str(reuse_nafnet.resolve())
+            nafnet_stages, report["rewrites"], io_spec = log.run(
+                "reuse-nafnet", _copy_nafnet, reuse_nafnet, staging,
+                note=f"copying NAFNet's ONNX, SavedModel and frozen graph from {reuse_nafnet}")
+            saved, frozen = staging / "nafnet_savedmodel", staging / "nafnet_frozen.pb"
         _write_variants("nafnet", frozen, io_spec, variants, {**base, "model": "nafnet",
                         "stages": nafnet_stages}, report, log, allow_flex)
         if fuse:
             from export.fuse import fused_function
-            from models.dpt_tf import keras_dpt_from_torch
+            from models.depth import keras_from_torch
 
-            echo(f"Fusing DPT-{depth['config']['variant']} at {dpt_size[0]}x{dpt_size[1]} "
-                 "with NAFNet")
-            keras_dpt = log.run("keras-dpt", keras_dpt_from_torch, dpt, *dpt_size,
-                                note="building the Keras DPT and porting its weights")
-            fused = fused_function(keras_dpt, saved, height, width)
+            echo(f"Fusing {net.name} at {depth_size[0]}x{depth_size[1]} with NAFNet "
+                 f"({net.title}, {net.normalisation})")
+            keras_depth = log.run("keras-depth", keras_from_torch, depth_model, *depth_size,
+                                  note=f"building the Keras {net.name} and porting its weights")
+            fused = fused_function(keras_depth, saved, height, width, net.mean, net.std)
             frozen_fused, fused_spec, bokeh_base = _write_fused(
-                "bokeh", fused, nafnet_stages, base, variants, report, log, allow_flex)
+                "bokeh", fused, nafnet_stages, base, variants, report, log, allow_flex,
+                f"tracing {net.name} + NAFNet into one graph")
             if quant_variants:
                 write_quant_variants(frozen_fused, fused_spec, quant_variants, calibration,
                                      bokeh_base, report, log)
             if controls:
-                controlled = fused_function(keras_dpt, saved, height, width, controls=True)
+                controlled = fused_function(keras_depth, saved, height, width, net.mean,
+                                            net.std, controls=True)
                 _write_fused("bokeh_controls", controlled, nafnet_stages,
                              {**base, "controls": control_manifest()}, variants, report, log,
-                             allow_flex)
+                             allow_flex, f"tracing {net.name} + NAFNet with focus and strength")
     except BaseException as exc:
         report["failed"] = f"{type(exc).__name__}: {exc}".strip()
         try:  # on a full disk this fails too: the staging folder then goes with the next run
@@ -202,14 +241,14 @@ def export(
 
 def _write_fused(prefix: str, fused, nafnet_stages: list[dict], base: dict,
                  variants: tuple[str, ...], report: dict, log: StageLog,
-                 allow_flex: bool) -> tuple[Path, dict, dict]:
+                 allow_flex: bool, note: str) -> tuple[Path, dict, dict]:
     """Save, freeze and convert one fused tf.function (``prefix`` "bokeh" or "bokeh_controls");
     return the frozen graph, its I/O and the manifest base of its TFLite files."""
     from export.fuse import OUTPUT_NAMES, save_fused
 
     tag = prefix.removeprefix("bokeh").replace("_", "-")  # "" or "-controls"
     saved = log.run(f"fuse{tag}", save_fused, fused, log.out_dir / f"{prefix}_savedmodel",
-                    note="tracing DPT + NAFNet into one graph")
+                    note=note)
     frozen, spec = log.run(f"freeze-fused{tag}", tf_stages.freeze, fused,
                            log.out_dir / f"{prefix}_frozen.pb", OUTPUT_NAMES)
     stages = [*nafnet_stages,
@@ -228,6 +267,57 @@ def control_manifest() -> dict:
     return {name: {"shape": [1, 1, 1, 1], "range": list(rng), "default": default,
                    "description": text, "clamped": True}
             for name, (rng, default, text) in CONTROLS.items()}
+
+
+NAFNET_ARTIFACTS = ("nafnet.onnx", "nafnet_sim.onnx", "nafnet_mobile.onnx", "nafnet_savedmodel",
+                    "nafnet_frozen.pb")
+
+
+def _reusable_nafnet(source: Path, height: int, width: int, opset: int, weights: dict,
+                     config: dict) -> Path:
+    """``source`` if it holds a complete export of this very NAFNet conversion, else
+    ``UserError`` saying what differs."""
+    from common.files import read_json
+
+    report_path = source / "report.json"
+    if not report_path.is_file():
+        raise UserError(f"{source}: no export to reuse NAFNet from (no report.json)")
+    report = read_json(report_path)
+    want = {"height": height, "width": width, "opset": opset, "weights": weights,
+            "nafnet_config": config}
+    differ = [k for k, v in want.items() if report.get(k) != json.loads(json.dumps(v))]
+    missing = [n for n in NAFNET_ARTIFACTS if not (source / n).exists()]
+    if not any(source.glob("nafnet_*.manifest.json")):
+        missing.append("nafnet_*.manifest.json")
+    if report.get("failed") or differ or missing:
+        raise UserError(f"{source}: cannot reuse its NAFNet: "
+                        + (f"it differs in {', '.join(differ)}" if differ else
+                           f"missing {', '.join(missing)}" if missing else "its export failed"))
+    return source
+
+
+def _copy_nafnet(source: Path, staging: Path) -> tuple[list[dict], list, dict]:
+    """NAFNet's conversion artifacts copied from another export: its stage list (from the
+    manifest of its NAFNet), its rewrites and the frozen graph's inputs and outputs."""
+    import shutil
+
+    from common.files import read_json
+
+    for name in NAFNET_ARTIFACTS:
+        (shutil.copytree if (source / name).is_dir() else shutil.copy2)(source / name,
+                                                                       staging / name)
+    manifest = read_json(next(source.glob("nafnet_*.manifest.json")))
+    io_spec = {kind: {t["name"]: t["shape"] for t in manifest[kind]}
+               for kind in ("inputs", "outputs")}
+    return manifest["stages"], read_json(source / "report.json").get("rewrites"), io_spec
+
+
+def _same(flag: str, value, old_flag: str, old_value):
+    """One option given under its name or its old name; both, disagreeing: ``UserError``."""
+    if value is not None and old_value is not None and value != old_value:
+        raise UserError(f"{flag} {value} and {old_flag} {old_value} disagree ({old_flag} is "
+                        f"the old name of {flag}); give one")
+    return old_value if value is None else value
 
 
 def _nafnet_graphs(model, out: Path, height: int, width: int, opset: int, log: StageLog):

@@ -55,6 +55,10 @@ def summary_text(report: dict) -> str:
         lines.append(f"  EXPORT FAILED: {report['failed']}")
     for w in report["warnings"]:
         lines.append(f"  WARNING: {w}")
+    if report.get("depth"):
+        from models.depth import describe_record
+
+        lines.append(f"  depth net: {describe_record(report['depth'])}")
     total = sum(s["seconds"] for s in report["stages"])
     lines.append(f"  {len(report['stages'])} stages in {total:.0f} s")
     for name, v in report["variants"].items():

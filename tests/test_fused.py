@@ -59,8 +59,10 @@ def test_fused_variants_builtin_only_rank4_with_gpu_verdict(fused_export, varian
     entry = report["variants"][f"bokeh_{variant}.tflite"]
     assert entry["gpu_compatible"] is True and entry["flex_ops"] == []
     manifest = json.loads((out / f"bokeh_{variant}.manifest.json").read_text())
-    assert manifest["dpt"]["input_size"] == [64, 96]
-    assert any("MEANINGLESS" in w for w in manifest["warnings"])
+    assert manifest["depth"]["name"] == "dpt-tiny"  # the old --dpt-variant tiny
+    assert manifest["depth"]["input_size"] == [64, 96]
+    assert manifest["depth"]["mean"] == manifest["depth"]["std"] == [0.5] * 3
+    assert any("MEANINGLESS" in w and "dpt-tiny" in w for w in manifest["warnings"])
 
 
 def test_resize_matches_tflite_resize_bilinear():
@@ -96,7 +98,7 @@ def test_corrupt_dpt_file_clear_error_and_nothing_written(tmp_path, capsys):
                         "--dpt-weights", str(bad)])
     assert code == 2
     line = _line(capsys)
-    assert "dpt_hybrid_384.pt" in line and "expected a MiDaS DPT file" in line
+    assert "dpt_hybrid_384.pt" in line and "expected a depth net file" in line
     assert not list(out.iterdir())
 
 

@@ -103,7 +103,7 @@ def test_pytorch_needs_real_depth_unless_allowed(photo_dir, tmp_path, capsys):
     torch.save(random_nafnet(PAPER_CONFIG, seed=3).state_dict(), ckpt)
     photo = str(photo_dir / "chelsea.png")
     assert main([photo, "--checkpoint", str(ckpt), "--out", str(tmp_path / "o")]) == 2
-    assert "--checkpoint needs --dpt-weights" in _error_line(capsys)
+    assert "--checkpoint needs --depth-weights" in _error_line(capsys)
     code = main([photo, "--checkpoint", str(ckpt), "--allow-random-dpt", "--size", "64x96",
                  "--compare", "--out", str(tmp_path / "o")])
     assert code == 0

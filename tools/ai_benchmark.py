@@ -101,8 +101,8 @@ def build_manifest(src: Path, data: bytes, info, manifest: dict, dynamic: list[s
         },
         "parity": parity,
         "weights": {"nafnet": manifest.get("weights"),
-                    "dpt": {k: v for k, v in (manifest.get("dpt") or {}).items()
-                            if k != "config"} or None},
+                    "depth": {k: v for k, v in (manifest.get("depth") or manifest.get("dpt")
+                                                or {}).items() if k != "config"} or None},
         "warnings": manifest.get("warnings", []),
     }
 

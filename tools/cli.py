@@ -70,8 +70,10 @@ def build_export_parser(prog: str = "bokeh export") -> argparse.ArgumentParser:
                     "TFLite (fp32 for the CPU, fp16 for the GPU delegate, drq and int8 "
                     "calibrated), builtin ops only, with a manifest per model and report.json.",
         epilog="examples:\n  bokeh export --height 512 --width 768 --overwrite\n"
-               "  bokeh export --checkpoint build/train/nafnet.pt --dpt-weights "
-               "dpt_hybrid_384.pt\n  bokeh export --no-fuse --variants fp32\n"
+               "  bokeh export --checkpoint build/train/nafnet.pt --depth-weights "
+               "dpt_hybrid_384.pt\n"
+               "  bokeh export --depth midas-small --depth-weights midas_v21_small_256.pt\n"
+               "  bokeh export --no-fuse --variants fp32\n"
                "  bokeh export --controls   (also bokeh_controls_*.tflite: focus, strength)\n"
                "next: bokeh parity --tflite EXPORT_DIR/bokeh_fp32.tflite")
     p.add_argument("--export-dir", "--out", dest="export_dir", default="build/export",
@@ -83,13 +85,21 @@ def build_export_parser(prog: str = "bokeh export") -> argparse.ArgumentParser:
     p.add_argument("--width", type=positive_int, default=1536,
                    help="static input width, a multiple of 16 (%(default)s)")
     p.add_argument("--checkpoint", help="NAFNet checkpoint (.pth/.pt); default: random weights")
-    p.add_argument("--dpt-weights", help="MiDaS v3.0 DPT file (dpt_hybrid_384.pt or "
-                   "dpt_large_384.pt); default: random weights, meaningless depth")
-    p.add_argument("--dpt-variant", default="hybrid", choices=("hybrid", "large", "tiny"),
-                   help="random DPT to use without --dpt-weights (default %(default)s; tiny is "
-                        "a small test model)")
-    p.add_argument("--dpt-short-side", type=positive_int, default=384,
-                   help="short side of the DPT input, a multiple of 32 (default %(default)s)")
+    p.add_argument("--depth", type=depth_name, metavar="NAME",
+                   help=f"depth net to fuse: {', '.join(depth_names(False))} (test configs: "
+                        f"{', '.join(n for n in depth_names() if n not in depth_names(False))}"
+                        "); default: the net --depth-weights is, else dpt-hybrid (the paper's)")
+    p.add_argument("--depth-weights", "--dpt-weights", dest="depth_weights", metavar="FILE",
+                   help="the depth net's official file (dpt_hybrid_384.pt, dpt_large_384.pt, "
+                        "midas_v21_small_256.pt, depth_anything_v2_vits.pth); default: random "
+                        "weights, meaningless depth (--dpt-weights is the old name)")
+    p.add_argument("--dpt-variant", choices=("hybrid", "large", "tiny"),
+                   help="old name of --depth dpt-hybrid / dpt-large / dpt-tiny")
+    p.add_argument("--depth-short-side", "--dpt-short-side", dest="depth_short_side",
+                   type=positive_int, metavar="N",
+                   help="short side of the depth net's input, a multiple of its patch (32; 14 "
+                        "for Depth Anything); default: the net's own (DPT 384, MiDaS small 256, "
+                        "Depth Anything 518); --dpt-short-side is the old name")
     p.add_argument("--no-fuse", action="store_true",
                    help="export NAFNet alone (photo + mask in), no depth net")
     p.add_argument("--controls", action="store_true",
@@ -114,6 +124,22 @@ def build_export_parser(prog: str = "bokeh export") -> argparse.ArgumentParser:
     p.add_argument("--seed", type=non_negative_int, default=0,
                    help="seed of the random weights (%(default)s)")
     return p
+
+
+def depth_names(tests: bool = True) -> tuple[str, ...]:
+    from models.depth import depth_names as names
+
+    return names(tests)
+
+
+def depth_name(text: str) -> str:
+    """argparse type of --depth: a registered depth net (its canonical name)."""
+    from models.depth import depth_net
+
+    try:
+        return depth_net(text).name
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -146,10 +172,10 @@ def export_main(argv: list[str] | None = None, prog: str = "bokeh export") -> in
         try:
             export(
                 out_dir=args.export_dir, height=args.height, width=args.width,
-                checkpoint=args.checkpoint, dpt_weights=args.dpt_weights,
-                dpt_variant=args.dpt_variant, dpt_short_side=args.dpt_short_side,
-                fuse=not args.no_fuse, controls=args.controls, variants=_names(args.variants),
-                quant_variants=quant,
+                checkpoint=args.checkpoint, depth=args.depth, depth_weights=args.depth_weights,
+                dpt_variant=args.dpt_variant, depth_short_side=args.depth_short_side,
+                fuse=not args.no_fuse, controls=args.controls,
+                variants=_names(args.variants), quant_variants=quant,
                 calibration=calibration, opset=args.opset, allow_flex=args.allow_flex,
                 seed=args.seed, overwrite=args.overwrite,
             )

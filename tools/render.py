@@ -1,8 +1,9 @@
 """`python -m tools.render PHOTO... --out DIR`: bokeh PNGs from the phone model or from PyTorch.
 
 With ``--tflite`` (default ``build/export/bokeh_fp32.tflite``) the fused model computes the depth
-mask itself; with ``--checkpoint`` the PyTorch reference pipeline (DPT + NAFNet) does, and then a
-real depth net (``--dpt-weights``) is required, since a random one makes a meaningless render.
+mask itself; with ``--checkpoint`` the PyTorch reference pipeline (depth net + NAFNet) does, and
+then a real depth net (``--depth-weights``, ``--depth`` to name it) is required, since a random one
+makes a meaningless render.
 Photos of any size go in: each is fitted into the model's static size (scaled, reflect-padded) and
 the output is mapped back to the photo's own size. ``--compare`` also writes one side-by-side PNG
 per photo: input | disparity as a colour map | bokeh.
@@ -36,7 +37,7 @@ DEFAULT_CONTROLS_TFLITE = "build/export/bokeh_controls_fp32.tflite"
 
 
 def compare_image(rgb: np.ndarray, mask: np.ndarray, bokeh: np.ndarray, label: str,
-                  height: int | None = None, mask_label: str = "disparity (DPT mask, inferno)",
+                  height: int | None = None, mask_label: str = "disparity (depth mask, inferno)",
                   ) -> np.ndarray:
     """input | disparity (inferno; an HxWx3 ``mask`` is a picture already) | output, labelled."""
     return labelled_row([("input", rgb), (mask_label, mask if mask.ndim == 3 else colorize(mask)),
@@ -144,9 +145,16 @@ def build_parser(prog: str = "bokeh render") -> argparse.ArgumentParser:
     src.add_argument("--tflite", help=f"fused bokeh_*.tflite (default {DEFAULT_TFLITE}; with "
                                       f"the controls {DEFAULT_CONTROLS_TFLITE})")
     src.add_argument("--checkpoint", help="NAFNet checkpoint: render with PyTorch instead")
-    p.add_argument("--dpt-weights", help="MiDaS DPT file for --checkpoint (dpt_hybrid_384.pt)")
-    p.add_argument("--allow-random-dpt", action="store_true",
-                   help="with --checkpoint and no --dpt-weights: random depth (meaningless)")
+    p.add_argument("--depth", metavar="NAME",
+                   help="depth net for --checkpoint (models/depth.py: dpt-hybrid, dpt-large, "
+                        "midas-small, depth-anything-v2-small); default: the net "
+                        "--depth-weights is")
+    p.add_argument("--depth-weights", "--dpt-weights", dest="depth_weights", metavar="FILE",
+                   help="the depth net's file for --checkpoint (dpt_hybrid_384.pt, "
+                        "midas_v21_small_256.pt, ...; --dpt-weights is the old name)")
+    p.add_argument("--allow-random-depth", "--allow-random-dpt", dest="allow_random_depth",
+                   action="store_true",
+                   help="with --checkpoint and no --depth-weights: random depth (meaningless)")
     p.add_argument("--size", help="PyTorch only: render at HEIGHTxWIDTH (default: each "
                                   "photo's own size)")
     p.add_argument("--compare", action="store_true",
@@ -185,11 +193,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.focus_at is not None:
         check_focus_point(args.focus_at, photos)
     if args.checkpoint:
-        renderer = TorchRenderer(args.checkpoint, args.dpt_weights, args.allow_random_dpt,
-                                 parse_size(args.size))
+        renderer = TorchRenderer(args.checkpoint, args.depth_weights, args.allow_random_depth,
+                                 parse_size(args.size), depth=args.depth)
     else:
-        if args.size or args.dpt_weights or args.allow_random_dpt:
-            raise UserError("--size, --dpt-weights and --allow-random-dpt go with "
+        if args.size or args.depth or args.depth_weights or args.allow_random_depth:
+            raise UserError("--size, --depth, --depth-weights and --allow-random-depth go with "
                             "--checkpoint; a TFLite model has its own size and depth net")
         default = DEFAULT_CONTROLS_TFLITE if controlled else DEFAULT_TFLITE
         if not args.tflite and not Path(default).is_file():

@@ -2,7 +2,8 @@
 
 Exports first if the folder has no export of that size, then times the engines interleaved on the
 same input with the same thread count and writes the table, the machine and the command into a
-marked section of docs/benchmarks.md (other sections of that file are left as they are).
+marked section of docs/benchmarks.md (other sections of that file are left as they are). The
+depth-net table (validate/depth_bench.py; alone: --depth-table) fuses every official depth net.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from common.cli import positive_int, run_command
-from common.files import read_json, write_bytes
+from common.files import read_json, write_bytes, write_json
 from export.runner import RUNTIMES, runtime_label
 from validate.runtime import Runner, onnx_engine, tflite_engine, time_interleaved, torch_engine
 
@@ -70,8 +71,9 @@ def _weights_line(manifest: dict) -> str:
             return "none"
         return record["checkpoint"] or f"random (seed {record['random_seed']})"
 
-    return f"NAFNet weights: {describe(manifest['weights'])}; DPT weights: " \
-           f"{describe(manifest.get('dpt'))}"
+    depth = manifest.get("depth") or manifest.get("dpt")
+    name = depth.get("name", "DPT") if depth else "depth net"
+    return f"NAFNet weights: {describe(manifest['weights'])}; {name} weights: {describe(depth)}"
 
 
 def _timing_table(stats: dict[str, dict], ref_name: str, diffs: bool) -> list[str]:
@@ -214,20 +216,39 @@ def main(argv: list[str] | None = None, prog: str = "bokeh bench") -> int:
     p.add_argument("--width", type=positive_int, default=1536)
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--runs", type=positive_int, default=5)
-    p.add_argument("--no-photos", action="store_true", help="skip the real-photo parity table")
+    p.add_argument("--no-photos", action="store_true", help="skip the real-photo parity tables")
     p.add_argument("--doc", default="docs/benchmarks.md", help="markdown file to update")
+    p.add_argument("--depth-table", action="store_true",
+                   help="only the depth-net table (validate/depth_bench.py): every official "
+                        "depth net fused at this size, one export each under --depth-dir")
+    p.add_argument("--no-depth-table", action="store_true",
+                   help="skip the depth-net table (its three exports take a while)")
+    p.add_argument("--depth-dir", default="build/bench-depth",
+                   help="exports of the depth-net table, one folder per net (%(default)s)")
+    p.add_argument("--depth-runs", type=positive_int, default=1,
+                   help="timed rounds of the depth-net table (%(default)s)")
     args = p.parse_args(argv)
     out = Path(args.export_dir)
     command = (f"make bench (bokeh bench --height {args.height} --width "
                f"{args.width} --threads {args.threads} --runs {args.runs})")
+    depth_command = (f"bokeh bench --depth-table --height {args.height} --width {args.width} "
+                     f"--threads {args.threads} --depth-runs {args.depth_runs}")
 
     def body() -> int:
-        manifest = ensure_export(out, args.height, args.width)
+        from validate import depth_bench
+
         photos = None if args.no_photos else write_photos(out.parent / "bench_photos")
-        sections = {
-            "nafnet": bench_nafnet(out, manifest, args.threads, args.runs, command),
-            "fused": bench_fused(out, manifest, args.threads, args.runs, command, photos),
-        }
+        sections = {}
+        if not args.depth_table:
+            manifest = ensure_export(out, args.height, args.width)
+            sections["nafnet"] = bench_nafnet(out, manifest, args.threads, args.runs, command)
+            sections["fused"] = bench_fused(out, manifest, args.threads, args.runs, command,
+                                            photos)
+        if args.depth_table or not args.no_depth_table:
+            result = depth_bench.measure(Path(args.depth_dir), args.height, args.width,
+                                         args.threads, args.depth_runs, photos)
+            sections["depth"] = depth_bench.markdown(result, depth_command)
+            write_json(Path(args.depth_dir) / "depth_table.json", result)
         for key, section in sections.items():
             publish_section(args.doc, key, section)
         return 0

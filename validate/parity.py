@@ -67,19 +67,14 @@ def reference_model(manifest: dict, checkpoint: str | Path | None = None) -> tor
 
 
 def reference_pipeline(manifest: dict, checkpoint: str | Path | None = None) -> BokehPipeline:
-    """The PyTorch reference of a fused export: its DPT, its NAFNet, its DPT input size."""
-    from models.dpt import DPT, DPTConfig, random_dpt
+    """The PyTorch reference of a fused export: the depth net its manifest names (an old
+    export's ``dpt`` record too), its NAFNet, the depth net's input size and normalisation."""
+    from models.depth import depth_record_of, model_from_record
 
-    depth = manifest.get("dpt") or {}
-    if "config" not in depth or "input_size" not in depth:
-        raise UserError("manifest of a fused model has no 'dpt' config and input size")
-    if depth.get("checkpoint"):
-        dpt = DPT.from_midas_checkpoint(depth["checkpoint"])
-    else:
-        config = {k: tuple(v) if isinstance(v, list) else v for k, v in depth["config"].items()}
-        dpt = random_dpt(DPTConfig(**config), depth.get("random_seed") or 0)
-    return BokehPipeline(dpt.eval(), reference_model(manifest, checkpoint),
-                         tuple(depth["input_size"])).eval()
+    depth = depth_record_of(manifest)
+    return BokehPipeline(model_from_record(depth), reference_model(manifest, checkpoint),
+                         tuple(depth["input_size"]), tuple(depth["mean"]),
+                         tuple(depth["std"])).eval()
 
 
 class Reference:

@@ -25,10 +25,10 @@ from common.metrics import psnr, ssim_images
 from export.manifest import write_manifest
 from export.report import write_report
 from export.runner import run_tflite
+from models.depth import DEPTH_SCOPES, depth_record_of
 
 VARIANT_ORDER = ("fp32", "fp16", "drq", "int8", "int16x8", "int8-selective")
 LAYERNORM_STATS = ("MEAN", "SQUARED_DIFFERENCE", "RSQRT")
-DEPTH_SCOPE = "dpt_"  # the Keras DPT's name scope in the fused graph (models/dpt_tf.py)
 TARGETS_DB = {"fp16": 45.0, "int8": 30.0}  # issue #5: bokeh PSNR vs the fp32 TFLite
 MIN_GAIN_DB = 1.0  # a selective configuration must beat full int8 by this much to be kept
 
@@ -96,7 +96,7 @@ def selective_search(export_dir: Path, manifest: dict, held: list[HeldOut], wors
     echo(f"  per-layer error (QuantizationDebugger, {debug_samples} calibration samples) ...")
     errors = layer_errors(calibrated, calib.dataset)
     finite = [e for e in errors if np.isfinite(e.rmse_over_scale)]
-    depth = [e.tensor for e in errors if DEPTH_SCOPE in e.tensor]
+    depth = [e.tensor for e in errors if _in_depth_net(e.tensor)]
     glue = [e.tensor for e in errors if _is_mask_glue(e.tensor)]
     decoder = [t for t in depth if "scratch." in t]
     head = [t for t in decoder if "scratch.output_conv" in t or "scratch.refinenet1" in t]
@@ -126,7 +126,7 @@ def selective_search(export_dir: Path, manifest: dict, held: list[HeldOut], wors
         "layers_verified": len(errors),
         "layers_above_rounding": sum(e.rmse_over_scale > 2 * ROUNDING_ONLY for e in errors),
         "depth_share_of_error": round(
-            sum(e.rmse_over_scale for e in finite if DEPTH_SCOPE in e.tensor)
+            sum(e.rmse_over_scale for e in finite if _in_depth_net(e.tensor))
             / max(1e-12, sum(e.rmse_over_scale for e in finite)), 3),
         "worst_layers": [{"tensor": e.tensor[-90:], "op": e.op,
                           "rmse_over_scale": round(e.rmse_over_scale, 3)} for e in errors[:10]],
@@ -137,9 +137,15 @@ def selective_search(export_dir: Path, manifest: dict, held: list[HeldOut], wors
 
 def _is_mask_glue(tensor: str) -> bool:
     """Ops of the fused graph itself (resize, per-image min-max, concat, clip), outside the
-    Keras DPT scope and the nested onnx-tf NAFNet call."""
+    Keras depth net scope and the nested onnx-tf NAFNet call."""
     inner = tensor.split(";")[0].removeprefix("StatefulPartitionedCall/")
-    return DEPTH_SCOPE not in tensor and not inner.startswith("PartitionedCall")
+    return not _in_depth_net(tensor) and not inner.startswith("PartitionedCall")
+
+
+def _in_depth_net(tensor: str) -> bool:
+    """Whether a tensor of the fused graph is inside the Keras depth net (its model's name
+    scope: models/depth.py)."""
+    return any(scope in tensor for scope in DEPTH_SCOPES)
 
 
 def keep_selective(export_dir: Path, search: dict, echo=print) -> Path | None:
@@ -195,14 +201,12 @@ def markdown(result: dict, command: str) -> str:
     from validate.bench import cpu_name
 
     m = result["manifest"]
-    dpt = m["dpt"]
-    config = dpt["config"]
-    small = (f" (the tiny test config: embed {config['embed_dim']}, depth {config['depth']})"
-             if config["embed_dim"] < 768 else "")
-    weights = ("random NAFNet (seed {s}) and random DPT-{v}{t} (seed {s})".format(
-        s=m["weights"]["random_seed"], v=config["variant"], t=small)
+    dpt = depth_record_of(m)
+    small = " (the tiny test config)" if dpt["name"].endswith("-tiny") else ""
+    weights = ("random NAFNet (seed {s}) and random {v}{t} (seed {s})".format(
+        s=m["weights"]["random_seed"], v=dpt["name"], t=small)
         if m["weights"]["checkpoint"] is None and dpt["checkpoint"] is None
-        else f"NAFNet {m['weights']['checkpoint']}, DPT {dpt['checkpoint']}")
+        else f"NAFNet {m['weights']['checkpoint']}, {dpt['name']} {dpt['checkpoint']}")
     lines = [
         f"## Quantized variants of the fused model, {result['height']}x{result['width']}",
         "",

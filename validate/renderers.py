@@ -90,46 +90,59 @@ def _manifest_warnings(path: Path) -> list[str]:
 
 
 class TorchRenderer:
-    """The PyTorch reference pipeline: a NAFNet checkpoint and a MiDaS DPT file."""
+    """The PyTorch reference pipeline: a NAFNet checkpoint and a depth net's file
+    (models/depth.py: ``depth`` names the net, by default the one the file is)."""
 
     def __init__(self, checkpoint: str | Path, dpt_weights: str | Path | None = None,
                  allow_random_dpt: bool = False, size: tuple[int, int] | None = None,
-                 dpt_short_side: int = 384):
-        from models.dpt import DPT, random_dpt, tiny_dpt_config
+                 dpt_short_side: int | None = None, depth: str | None = None):
+        from models.depth import (
+            checkpoint_net,
+            depth_input_size,
+            depth_net,
+            load_depth_model,
+        )
         from models.nafnet import load_nafnet
 
         if dpt_weights is None and not allow_random_dpt:
-            raise UserError("--checkpoint needs --dpt-weights (a MiDaS file such as "
-                            "dpt_hybrid_384.pt): with a random depth net the render is "
-                            "meaningless; --allow-random-dpt to render anyway")
-        if dpt_short_side < 32 or dpt_short_side % 32:
-            raise UserError(f"--dpt-short-side {dpt_short_side} must be a positive multiple of 32")
+            raise UserError("--checkpoint needs --depth-weights (a depth net's file such as "
+                            "dpt_hybrid_384.pt or midas_v21_small_256.pt): with a random depth "
+                            "net the render is meaningless; --allow-random-depth to render "
+                            "anyway")
+        name = depth_net(depth).name if depth else None
+        if name:  # a bad short side fails before anything is loaded
+            depth_input_size(name, 1024, 1024, dpt_short_side)
         self.nafnet = load_nafnet(checkpoint)
         if self.nafnet.config["in_channels"] != 4:
             raise UserError(f"{checkpoint}: NAFNet takes {self.nafnet.config['in_channels']} "
                             "channels; the bokeh pipeline feeds it photo + mask (4)")
         self.warnings = []
         if dpt_weights is not None:
-            self.dpt = DPT.from_midas_checkpoint(dpt_weights)
+            name = name or checkpoint_net(dpt_weights) or "dpt-hybrid"
+            self.depth = load_depth_model(name, dpt_weights)
         else:
-            self.dpt = random_dpt(tiny_dpt_config("hybrid"), 0)
-            self.warnings.append("RANDOM depth net (--allow-random-dpt): the mask and the "
-                                 "render are meaningless")
+            name = name or "dpt-tiny"
+            self.depth = load_depth_model(name)
+            self.warnings.append(f"RANDOM depth net {name} (--allow-random-depth): the mask "
+                                 "and the render are meaningless")
+        self.net = depth_net(name)
+        depth_input_size(name, 1024, 1024, dpt_short_side)
         self.size = size  # None: each photo at its own size
-        self.dpt_short_side = dpt_short_side
-        self.label = f"PyTorch {Path(checkpoint).name}"
+        self.short_side = dpt_short_side
+        self.label = f"PyTorch {Path(checkpoint).name} + {name}"
         self.has_controls = True
 
     def __call__(self, photo: np.ndarray, focus: float | None = None,
                  strength: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
-        from models.dpt import dpt_input_size
+        from models.depth import depth_input_size
         from models.pipeline import BokehPipeline
 
         h, w = photo.shape[:2]
-        pipeline = BokehPipeline(self.dpt, self.nafnet,
-                                 dpt_input_size(h, w, self.dpt_short_side)).eval()
+        pipeline = BokehPipeline(self.depth, self.nafnet,
+                                 depth_input_size(self.net.name, h, w, self.short_side),
+                                 self.net.mean, self.net.std).eval()
         x = torch.from_numpy(np.ascontiguousarray(photo.transpose(2, 0, 1)))[None]
         with torch.no_grad():
             bokeh, mask = pipeline(x, focus, strength)

@@ -1,0 +1,98 @@
+"""The small depth nets fused with NAFNet (models/depth.py): one export per net at 64x96, each
+reusing the NAFNet conversion of the shared export, then the same checks as the fused DPT's.
+
+The NAFNet stages of these exports are copies of the shared export's, whose parity
+tests/test_fused.py checks; they are removed after the export, so parity here runs the stages
+the depth net changes: the fused SavedModel and frozen graph (for Depth Anything; the fusing code
+is the same for every net) and the TFLite files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from export.pipeline import NAFNET_ARTIFACTS
+from export.tflite_info import inspect_tflite
+from models.depth import depth_net
+from validate.parity import Reference, parity_inputs, read_manifest, run_parity
+
+SMALL_H, SMALL_W = 64, 96  # the shared export's size (conftest.py)
+
+# net -> depth short side: 64x96 for MiDaS small (no resize), 56x84 for Depth Anything (resized
+# both ways, sides multiples of 14)
+NETS = {"midas-small-tiny": 64, "depth-anything-v2-small-tiny": 56}
+EVERY_STAGE = "depth-anything-v2-small-tiny"  # parity of the fused SavedModel and frozen graph
+
+
+@pytest.fixture(scope="module", params=list(NETS))
+def depth_export(request, fused_export, tmp_path_factory):
+    from export.pipeline import export
+
+    name = request.param
+    out = tmp_path_factory.mktemp(name)
+    report = export(out, SMALL_H, SMALL_W, depth=name, depth_short_side=NETS[name],
+                    variants=("fp32", "fp16"), reuse_nafnet=fused_export[0],
+                    echo=lambda s: None)
+    for artifact in NAFNET_ARTIFACTS:
+        path = out / artifact
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return name, out, report
+
+
+def test_fp32_matches_the_pytorch_pipeline_with_the_same_net(depth_export, photo_dir):
+    name, out, _ = depth_export
+    result = run_parity(out / "bokeh_fp32.tflite", images=photo_dir, echo=lambda s: None,
+                        tflite_only=name != EVERY_STAGE)
+    assert result["passed"], result["summary"]
+    final = result["stages"][-1]
+    assert final["stage"] == "tflite-fp32"
+    for row in final["inputs"]:
+        if row["output"] == "mask":
+            assert row["max_abs_diff"] <= 1e-3
+        else:
+            assert row["psnr_db"] >= 60
+    names = [s["stage"] for s in result["stages"]]
+    assert names == (["bokeh-savedmodel", "bokeh-frozen-graph", "tflite-fp32"]
+                     if name == EVERY_STAGE else ["tflite-fp32"])
+
+
+def test_reference_uses_the_net_and_its_mask_is_not_degenerate(depth_export, photo_dir):
+    name, out, _ = depth_export
+    manifest, _ = read_manifest(out / "bokeh_fp32.tflite")
+    ref = Reference(manifest)
+    net = depth_net(name)
+    assert type(ref.pipeline.dpt).__name__ in ("MidasSmall", "DepthAnythingV2")
+    assert ref.pipeline.dpt_size == (NETS[name], NETS[name] * 3 // 2)
+    assert ref.pipeline.mean.flatten().tolist() == pytest.approx(net.mean)
+    for inp in parity_inputs(manifest, photo_dir, echo=lambda s: None):
+        mask = ref.run(inp.value)["bokeh"]["mask"]
+        assert mask.min() == 0.0 and mask.max() == pytest.approx(1.0)
+        assert mask.std() > 0.05
+
+
+def test_fp16_within_45db_of_fp32(depth_export, photo_dir):
+    _, out, _ = depth_export
+    result = run_parity(out / "bokeh_fp16.tflite", images=photo_dir, echo=lambda s: None,
+                        tflite_only=True)
+    versus = result["stages"][-1]
+    assert versus["stage"] == "tflite-fp16 vs bokeh_fp32.tflite"
+    assert versus["passed"]
+    assert min(r["psnr_db"] for r in versus["inputs"] if r["output"] == "bokeh") >= 45
+
+
+@pytest.mark.parametrize("variant", ["fp32", "fp16"])
+def test_builtin_only_rank4_gpu_ready_and_named_everywhere(depth_export, variant):
+    name, out, report = depth_export
+    info = inspect_tflite(out / f"bokeh_{variant}.tflite")
+    assert info.flex_ops == [] and info.max_rank <= 4
+    entry = report["variants"][f"bokeh_{variant}.tflite"]
+    assert entry["gpu_compatible"] is True and entry["flex_ops"] == []
+    manifest = json.loads((out / f"bokeh_{variant}.manifest.json").read_text())
+    depth = manifest["depth"]
+    assert depth["name"] == name and depth["input_size"] == [NETS[name], NETS[name] * 3 // 2]
+    assert depth["mean"] == list(depth_net(name).mean) and depth["random_seed"] == 0
+    assert any("MEANINGLESS" in w and name in w for w in manifest["warnings"])
+    assert json.loads(json.dumps(report["depth"])) == depth and report["nafnet_reused_from"]
+    assert f"depth net: {name}" in (out / "report.txt").read_text()
