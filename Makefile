@@ -20,7 +20,8 @@ CALIB_SAMPLES ?= 8
 # the file converts but cannot run, after a full calibration (docs/benchmarks.md).
 QUANT_VARIANTS ?= drq,int8
 
-.PHONY: setup test export bench bench-depth bench-runtime bench-passes bench-peers litert-torch-env lint clean train
+# setup-gpu: optional, never needed by make export (docs/design.md, section 9).
+.PHONY: setup setup-gpu test export bench bench-depth bench-runtime bench-passes bench-peers litert-torch-env lint clean train
 
 $(VENV_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +30,20 @@ $(VENV_STAMP): pyproject.toml
 
 setup: $(VENV_STAMP)
 
+# A GPU backend without a GPU: LiteRT's GPU accelerator (WebGPU) runs on SwiftShader, the software
+# Vulkan device in Debian's chromium package. Optional: the export never needs it; with it the
+# export runs every float file once on the GPU accelerator and make test runs the GPU tests.
+setup-gpu: $(VENV_STAMP)
+	@if command -v apt-get >/dev/null; then \
+		$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo) \
+		apt-get install -y -q --no-install-recommends chromium; \
+	else echo "setup-gpu: no apt-get here; install a Vulkan driver, or SwiftShader"; fi
+	$(BIN)/python -c "from export.accelerator import gpu_device; ok, d = gpu_device(); \
+		print(('GPU device: ' if ok else 'no GPU device: ') + d)"
+
 test: $(VENV_STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 # The fused photo -> bokeh model (and NAFNet alone beside it), then parity of every stage.
 # EXPORT_ARGS=--controls adds bokeh_controls_*.tflite (focus and strength inputs, issue #14).

@@ -69,12 +69,24 @@ def variant_summary(info: TFLiteInfo) -> dict:
     }
 
 
-def write_manifest(tflite: Path, variant: str, base: dict, extra: dict | None = None) -> dict:
+def gpu_execution(tflite: Path, check: bool) -> dict:
+    """The GPU-execution verdict beside the analyzer's: the file run once on LiteRT's GPU
+    accelerator (export/accelerator.py): ran (max abs vs CPU), failed (why), or not tried."""
+    if not check:
+        return {"status": "not tried", "reason": "not asked (--no-gpu-check)"}
+    from export.accelerator import gpu_execution_verdict
+
+    return gpu_execution_verdict(tflite)
+
+
+def write_manifest(tflite: Path, variant: str, base: dict, extra: dict | None = None,
+                   gpu_check: bool = False) -> dict:
     """Write ``tflite``'s manifest (``base`` plus what the file itself says); return the
-    report.json summary of the file."""
+    report.json summary of the file. ``gpu_check`` runs it on the GPU accelerator when a GPU
+    device is found."""
     descriptions = DESCRIPTIONS[base["model"]]
     info = inspect_tflite(tflite)
-    summary = variant_summary(info)
+    summary = {**variant_summary(info), "gpu_execution": gpu_execution(tflite, gpu_check)}
     manifest = {
         **base, "variant": variant, "tflite": tflite.name,
         "inputs": [_io_entry(t, descriptions.get(t["name"], ""), base.get("controls"))
@@ -83,7 +95,7 @@ def write_manifest(tflite: Path, variant: str, base: dict, extra: dict | None = 
         "tolerance": TOLERANCE[base["model"]][variant],
         "flex_ops": info.flex_ops, "max_rank": info.max_rank,
         "gpu_compatible": summary["gpu_compatible"], "gpu_reasons": summary["gpu_messages"],
-        **(extra or {}),
+        "gpu_execution": summary["gpu_execution"], **(extra or {}),
     }
     write_json(manifest_path(tflite), manifest)
     return summary

@@ -100,6 +100,7 @@ def export(
     allow_flex: bool = False,
     seed: int = 0,
     overwrite: bool = False,
+    gpu_check: bool = True,
     echo: Callable[[str], None] = print,
     dpt_weights: str | Path | None = None,
     dpt_variant: str | None = None,
@@ -124,6 +125,8 @@ def export(
     on ``calibration`` (calibration.dataset.calibration_set), which they need.
     The run owns ``out_dir`` (export/folder.py): refused if it holds another export and
     ``overwrite`` is off; the new set replaces the old one only when every stage succeeded.
+    ``gpu_check``: every float TFLite file is run once on LiteRT's GPU accelerator where a GPU
+    device is found, and its manifest records the verdict (ran, failed, not tried).
 
     Raises ``UserError`` for bad input and ``tflite_stage.FlexOpsRequired`` when a variant needs
     Flex ops and ``allow_flex`` is off (the Flex file is kept in ``failed-run/``).
@@ -199,7 +202,7 @@ def export(
                 note=f"copying NAFNet's ONNX, SavedModel and frozen graph from {reuse_nafnet}")
             saved, frozen = staging / "nafnet_savedmodel", staging / "nafnet_frozen.pb"
         _write_variants("nafnet", frozen, io_spec, variants, {**base, "model": "nafnet",
-                        "stages": nafnet_stages}, report, log, allow_flex)
+                        "stages": nafnet_stages}, report, log, allow_flex, gpu_check)
         if fuse:
             from export.fuse import fused_function
             from models.depth import keras_from_torch
@@ -211,7 +214,7 @@ def export(
             fused = fused_function(keras_depth, saved, height, width, net.mean, net.std)
             frozen_fused, fused_spec, bokeh_base = _write_fused(
                 "bokeh", fused, nafnet_stages, base, variants, report, log, allow_flex,
-                f"tracing {net.name} + NAFNet into one graph")
+                f"tracing {net.name} + NAFNet into one graph", gpu_check)
             if quant_variants:
                 write_quant_variants(frozen_fused, fused_spec, quant_variants, calibration,
                                      bokeh_base, report, log)
@@ -220,7 +223,8 @@ def export(
                                             net.std, controls=True)
                 _write_fused("bokeh_controls", controlled, nafnet_stages,
                              {**base, "controls": control_manifest()}, variants, report, log,
-                             allow_flex, f"tracing {net.name} + NAFNet with focus and strength")
+                             allow_flex, f"tracing {net.name} + NAFNet with focus and strength",
+                             gpu_check)
     except BaseException as exc:
         report["failed"] = f"{type(exc).__name__}: {exc}".strip()
         try:  # on a full disk this fails too: the staging folder then goes with the next run
@@ -241,7 +245,7 @@ def export(
 
 def _write_fused(prefix: str, fused, nafnet_stages: list[dict], base: dict,
                  variants: tuple[str, ...], report: dict, log: StageLog,
-                 allow_flex: bool, note: str) -> tuple[Path, dict, dict]:
+                 allow_flex: bool, note: str, gpu_check: bool) -> tuple[Path, dict, dict]:
     """Save, freeze and convert one fused tf.function (``prefix`` "bokeh" or "bokeh_controls");
     return the frozen graph, its I/O and the manifest base of its TFLite files."""
     from export.fuse import OUTPUT_NAMES, save_fused
@@ -256,7 +260,8 @@ def _write_fused(prefix: str, fused, nafnet_stages: list[dict], base: dict,
               _stage(f"bokeh{tag}-frozen-graph", "frozen_graph", frozen, "NHWC", spec,
                      role="bokeh")]
     manifest_base = {**base, "model": "bokeh", "stages": stages}
-    _write_variants(prefix, frozen, spec, variants, manifest_base, report, log, allow_flex)
+    _write_variants(prefix, frozen, spec, variants, manifest_base, report, log, allow_flex,
+                    gpu_check)
     return frozen, spec, manifest_base
 
 
@@ -346,7 +351,8 @@ def _stage(name: str, engine: str, path: Path, layout: str, io_spec: dict | None
 
 
 def _write_variants(prefix: str, frozen: Path, io_spec: dict, variants: tuple[str, ...],
-                    manifest_base: dict, report: dict, log: StageLog, allow_flex: bool) -> None:
+                    manifest_base: dict, report: dict, log: StageLog, allow_flex: bool,
+                    gpu_check: bool) -> None:
     """Convert ``frozen`` to each TFLite variant and write its manifest beside it."""
     for variant in variants:
         tflite = log.out_dir / f"{prefix}_{variant}.tflite"
@@ -359,6 +365,9 @@ def _write_variants(prefix: str, frozen: Path, io_spec: dict, variants: tuple[st
             if not allow_flex:
                 raise
             tflite = exc.flex_path
-        report["variants"][tflite.name] = write_manifest(tflite, variant, manifest_base)
+        if gpu_check:
+            log.echo(f"  .. {tflite.name}: running it on the GPU accelerator")
+        report["variants"][tflite.name] = write_manifest(tflite, variant, manifest_base,
+                                                         gpu_check=gpu_check)
 
 

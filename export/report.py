@@ -72,7 +72,9 @@ def summary_text(report: dict) -> str:
         lines.append(
             f"  {name}: {human_bytes(v['bytes'])}, {sum(v['ops'].values())} ops ({top} ...), "
             f"Flex ops: {', '.join(v['flex_ops']) or 'none'}, max rank {v['max_rank']}, "
-            f"GPU delegate: {'compatible' if v['gpu_compatible'] else 'ISSUES'}")
+            f"GPU delegate: {'compatible' if v['gpu_compatible'] else 'ISSUES'}"
+            + (f", GPU execution: {gpu_execution_line(v['gpu_execution'])}"
+               if "gpu_execution" in v else ""))
     for name, v in report.get("gpu_execution", {}).items():
         lines.append(f"  GPU execution {name}: {gpu_execution_line(v)}")
     for name, p in report.get("parity", {}).items():

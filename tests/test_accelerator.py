@@ -197,3 +197,47 @@ def test_parity_on_the_gpu_accelerator(gpu, fused_export, variant, capsys):
     verdict = report["gpu_execution"][f"bokeh_{variant}.tflite"]
     assert verdict["status"] == "ran" and verdict["max_abs_vs_cpu"] <= GPU_VS_CPU_ATOL
     assert report["parity"][f"bokeh_{variant}.tflite on GPU"]["passed"]
+
+
+def test_every_float_file_of_the_export_records_its_gpu_execution(fused_export):
+    """The export ran each float file on the GPU accelerator where a device exists: the
+    manifest says ran (max abs vs CPU) or, without a device, not tried and why."""
+    import json
+
+    out, report = fused_export
+    found, _ = gpu_device()
+    for name in ("nafnet_fp32", "bokeh_fp16", "bokeh_controls_fp32"):
+        verdict = json.loads((out / f"{name}.manifest.json").read_text())["gpu_execution"]
+        assert report["variants"][f"{name}.tflite"]["gpu_execution"] == verdict
+        if found:
+            assert verdict["status"] == "ran", verdict
+            assert verdict["max_abs_vs_cpu"] <= GPU_VS_CPU_ATOL
+        else:
+            assert verdict["status"] == "not tried" and "no GPU device" in verdict["reason"]
+
+
+def test_the_ai_benchmark_bundle_carries_the_gpu_execution_verdict(fused_export, tmp_path):
+    import json
+
+    from tools.cli import main as bokeh
+
+    out, _ = fused_export
+    assert bokeh(["ai-benchmark", "--tflite", str(out / "bokeh_fp16.tflite"),
+                  "--out", str(tmp_path / "bundle")]) == 0
+    bundle = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    manifest = json.loads((out / "bokeh_fp16.manifest.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    recorded = report.get("gpu_execution", {}).get("bokeh_fp16.tflite")
+    assert bundle["gpu_execution"] == (recorded or manifest["gpu_execution"])
+    assert bundle["gpu_execution"]["status"] in ("ran", "not tried")
+
+
+def test_inspect_says_what_the_gpu_accelerator_takes(gpu, fused_export, gather_nd_model,
+                                                     capsys):
+    from tools.cli import main as bokeh
+
+    assert bokeh(["inspect", str(fused_export[0] / "bokeh_fp16.tflite"), "--gpu"]) == 0
+    assert "fully accelerated on" in capsys.readouterr().out
+    assert bokeh(["inspect", str(gather_nd_model), "--gpu"]) == 0
+    out = capsys.readouterr().out
+    assert "NOT fully accelerated" in out and "GATHER_ND" in out

@@ -68,6 +68,16 @@ def parity_record(tflite: Path, manifest: dict, folder: Path) -> dict | str:
             "against": "PyTorch reference (validate parity)"}
 
 
+def gpu_execution_record(tflite: Path, manifest: dict, folder: Path) -> dict:
+    """Whether the file ran on a GPU backend: `bokeh parity --accelerator gpu`'s verdict in the
+    export's report.json if there is one, else the export's own (its manifest)."""
+    report_path = folder / manifest.get("report", "report.json")
+    report = read_json(report_path) if report_path.is_file() else {}
+    recorded = (report.get("gpu_execution") or {}).get(tflite.name)
+    return recorded or manifest.get("gpu_execution") or {
+        "status": "not tried", "reason": f"run bokeh parity --tflite {tflite} --accelerator gpu"}
+
+
 def _io(tensors: list[dict], manifest_io: list[dict]) -> list[dict]:
     described = {t["name"]: t for t in manifest_io}
     return [{"name": t["name"], "shape": t["shape"], "dtype": t["dtype"],
@@ -78,7 +88,7 @@ def _io(tensors: list[dict], manifest_io: list[dict]) -> list[dict]:
 
 
 def build_manifest(src: Path, data: bytes, info, manifest: dict, dynamic: list[str],
-                   delegate: str, parity: dict | str) -> dict:
+                   delegate: str, parity: dict | str, gpu_execution: dict) -> dict:
     ready, gpu_reasons = gpu_verdict(info)
     return {
         "format": BUNDLE_FORMAT, "model": "model.tflite", "source": str(src.resolve()),
@@ -100,6 +110,7 @@ def build_manifest(src: Path, data: bytes, info, manifest: dict, dynamic: list[s
                                 "for unsupported ops"]},
         },
         "parity": parity,
+        "gpu_execution": gpu_execution,
         "weights": {"nafnet": manifest.get("weights"),
                     "depth": {k: v for k, v in (manifest.get("depth") or manifest.get("dpt")
                                                 or {}).items() if k != "config"} or None},
@@ -178,7 +189,8 @@ def make_bundle(out: str | Path, variant: str = "fp16", export_dir: str | Path =
     out = ensure_writable_dir(out)
     data = src.read_bytes()
     bundle = build_manifest(src, data, info, manifest, dynamic, delegate,
-                            parity_record(src, manifest, folder))
+                            parity_record(src, manifest, folder),
+                            gpu_execution_record(src, manifest, folder))
     write_bytes(out / "model.tflite", data)
     write_json(out / "manifest.json", bundle)
     write_bytes(out / "README.txt", readme_text(bundle).encode())

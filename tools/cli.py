@@ -119,6 +119,10 @@ def build_export_parser(prog: str = "bokeh export") -> argparse.ArgumentParser:
                         "about a minute each at 1024x1536 with DPT-Hybrid)")
     p.add_argument("--opset", type=int, default=12,
                    help="ONNX opset, 12-15 (default %(default)s: keeps Split builtin in TFLite)")
+    p.add_argument("--no-gpu-check", action="store_true",
+                   help="do not run the float files on LiteRT's GPU accelerator (by default "
+                        "they run once where a GPU device is found: make setup-gpu; SwiftShader "
+                        "needs minutes at 1024x1536)")
     p.add_argument("--allow-flex", action="store_true",
                    help="keep going with a *_flex.tflite if builtin ops do not suffice")
     p.add_argument("--seed", type=non_negative_int, default=0,
@@ -177,7 +181,7 @@ def export_main(argv: list[str] | None = None, prog: str = "bokeh export") -> in
                 fuse=not args.no_fuse, controls=args.controls,
                 variants=_names(args.variants), quant_variants=quant,
                 calibration=calibration, opset=args.opset, allow_flex=args.allow_flex,
-                seed=args.seed, overwrite=args.overwrite,
+                seed=args.seed, overwrite=args.overwrite, gpu_check=not args.no_gpu_check,
             )
         except FlexOpsRequired as exc:
             print(f"{prog}: error: {exc}. Re-run with --allow-flex to keep it.",

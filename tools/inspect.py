@@ -24,6 +24,20 @@ def inspect(path: str | Path, largest: int = 5) -> TFLiteInfo:
     return inspect_tflite(path, largest)
 
 
+def gpu_accelerated(path: str | Path) -> dict:
+    """Whether LiteRT's GPU accelerator on the device found takes every op, and which fall back."""
+    from export.accelerator import fully_accelerated, gpu_device
+
+    found, device = gpu_device()
+    if not found:
+        return {"device": None, "fully_accelerated": None, "fell_back": [],
+                "line": f"not tried: no GPU device ({device}); make setup-gpu"}
+    full, ops = fully_accelerated(path)
+    return {"device": device, "fully_accelerated": full, "fell_back": [] if full else ops,
+            "line": (f"fully accelerated on {device}" if full
+                     else f"NOT fully accelerated on {device}; falls back:")}
+
+
 def _shape(t: dict) -> str:
     return "[" + ",".join(map(str, t["shape"])) + "]"
 
@@ -77,6 +91,9 @@ def build_parser(prog: str = "bokeh inspect") -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of the text report")
     p.add_argument("--top", type=positive_int, default=15,
                    help="op kinds listed (default %(default)s)")
+    p.add_argument("--gpu", action="store_true",
+                   help="also compile it on LiteRT's GPU accelerator (the device found: a real "
+                        "GPU, or SwiftShader after make setup-gpu) and say which ops fall back")
     p.add_argument("--largest", type=positive_int, default=5,
                    help="largest tensors listed (default %(default)s)")
     return p
@@ -88,15 +105,20 @@ def main(argv: list[str] | None = None, prog: str = "bokeh inspect") -> int:
     def body() -> int:
         info = inspect(args.tflite, args.largest)
         dynamic = dynamic_dims(args.tflite)
+        accelerated = gpu_accelerated(args.tflite) if args.gpu else None
         if args.json:
             from dataclasses import asdict
 
             ready, reasons = gpu_verdict(info)
             print(json.dumps({**asdict(info), "dynamic": dynamic,
                               "gpu_verdict": "READY" if ready else "NOT READY",
-                              "gpu_reasons": reasons}, indent=2))
+                              "gpu_reasons": reasons, "gpu_accelerator": accelerated}, indent=2))
         else:
             print(format_report(info, dynamic, args.top))
+            if accelerated:
+                print(f"  {'GPU run':<10} {accelerated['line']}")
+                for op in accelerated["fell_back"]:
+                    print(f"  {'':<10} - {op}")
         return 0
 
     return run_command(prog, body)
