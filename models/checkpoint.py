@@ -45,3 +45,23 @@ def read_checkpoint(path: str | Path, expected: str = "a NAFNet checkpoint") -> 
         return raw, extract_state_dict(raw)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+
+
+def load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: Path,
+                what: str) -> torch.nn.Module:
+    """Load ``state`` into ``model`` (built on the meta device: its weights are assigned) with
+    the same keys and shapes, or one ``CheckpointError`` naming the file, ``what`` it does not
+    fit, and the missing, unexpected and mis-shaped keys."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} != {expected[k]}" for k in sorted(expected)
+             if k in state and tuple(state[k].shape) != expected[k]]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{path}: does not fit {what}: {len(missing)} missing keys {missing[:5]}, "
+            f"{len(unexpected)} unexpected {unexpected[:5]}, {len(wrong)} wrong shapes "
+            f"{wrong[:3]}")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import CheckpointError
-from models.checkpoint import read_checkpoint
+from models.checkpoint import load_strict, read_checkpoint
 from models.dpt import Attention, FeatureFusionBlock, Mlp, PatchEmbed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -278,22 +278,10 @@ class DepthAnythingV2(nn.Module):
         config = config or SMALL_CONFIG
         with torch.device("meta"):  # shapes only: no memory, no random init
             model = cls(config)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong = [f"{k} {tuple(state[k].shape)} != {expected[k]}" for k in sorted(expected)
-                 if k in state and tuple(state[k].shape) != expected[k]]
-        if missing or unexpected or wrong:
-            width = state[SIGNATURE_KEYS[0]].shape[0]
-            encoder = ENCODER_BY_WIDTH.get(width, f"embed {width}")
-            raise CheckpointError(
-                f"{path}: a Depth Anything V2 {encoder} checkpoint that does not fit {config}: "
-                f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected "
-                f"{unexpected[:5]}, {len(wrong)} wrong shapes {wrong[:3]}"
-            )
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.eval()
+        width = state[SIGNATURE_KEYS[0]].shape[0]
+        encoder = ENCODER_BY_WIDTH.get(width, f"embed {width}")
+        return load_strict(model, state, path,
+                           f"{config} (the file is a Depth Anything V2 {encoder} checkpoint)")
 
 
 def is_depth_anything_state(state: Mapping[str, object]) -> bool:

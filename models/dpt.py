@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import CheckpointError
-from models.checkpoint import read_checkpoint
+from models.checkpoint import load_strict, read_checkpoint
 
 HYBRID_STEM_KEY = "pretrained.model.patch_embed.backbone.stem.conv.weight"
 LARGE_PATCH_KEY = "pretrained.model.patch_embed.proj.weight"
@@ -511,20 +511,7 @@ class DPT(nn.Module):
             )
         with torch.device("meta"):  # no memory and no random init for 344M parameters
             model = cls(config)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong = [f"{k} {tuple(state[k].shape)} != {expected[k]}" for k in sorted(expected)
-                 if k in state and tuple(state[k].shape) != expected[k]]
-        if missing or unexpected or wrong:
-            raise CheckpointError(
-                f"{path}: does not fit MiDaS DPT-{variant.title()} ({config}): "
-                f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected "
-                f"{unexpected[:5]}, {len(wrong)} wrong shapes {wrong[:3]}"
-            )
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.eval()
+        return load_strict(model, state, path, f"MiDaS DPT-{variant.title()} ({config})")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import CheckpointError
-from models.checkpoint import read_checkpoint
+from models.checkpoint import load_strict, read_checkpoint
 from models.dpt import ResidualConvUnit, pad_same
 
 # EfficientNet-Lite before width/depth scaling, one row per stage:
@@ -352,20 +352,7 @@ class MidasSmall(nn.Module):
         config = config or OFFICIAL_CONFIG
         with torch.device("meta"):
             model = cls(config)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong = [f"{k} {tuple(state[k].shape)} != {expected[k]}" for k in sorted(expected)
-                 if k in state and tuple(state[k].shape) != expected[k]]
-        if missing or unexpected or wrong:
-            raise CheckpointError(
-                f"{path}: does not fit MiDaS v2.1 Small ({config}): {len(missing)} missing keys "
-                f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, {len(wrong)} "
-                f"wrong shapes {wrong[:3]}"
-            )
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.eval()
+        return load_strict(model, state, path, f"MiDaS v2.1 Small ({config})")
 
 
 def is_midas_small_state(state: Mapping[str, object]) -> bool:
