@@ -415,19 +415,25 @@ class FeatureFusionBlock(nn.Module):
 
 
 class Interpolate(nn.Module):
-    """Bilinear x2 upsampling with align_corners=True, as in the MiDaS depth head."""
+    """Bilinear x2 upsampling of the MiDaS depth heads: align_corners=True in DPT's,
+    False (half-pixel centres) in MidasNet_small's."""
+
+    def __init__(self, align_corners: bool = True):
+        super().__init__()
+        self.align_corners = align_corners
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+        return F.interpolate(x, scale_factor=2, mode="bilinear",
+                             align_corners=self.align_corners)
 
 
-def make_head(cfg: DPTConfig) -> nn.Sequential:
-    """MiDaS ``DPTDepthModel`` head (non_negative=True): conv, up x2, conv, ReLU, 1x1, ReLU."""
-    f = cfg.features
+def make_head(features: int, head_features: int, align_corners: bool = True) -> nn.Sequential:
+    """A MiDaS depth head (``scratch.output_conv``, non_negative=True): conv, up x2, conv, ReLU,
+    1x1, ReLU."""
     return nn.Sequential(
-        nn.Conv2d(f, f // 2, 3, padding=1), Interpolate(),
-        nn.Conv2d(f // 2, cfg.head_features, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(cfg.head_features, 1, 1), nn.ReLU(), nn.Identity(),
+        nn.Conv2d(features, features // 2, 3, padding=1), Interpolate(align_corners),
+        nn.Conv2d(features // 2, head_features, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(head_features, 1, 1), nn.ReLU(), nn.Identity(),
     )
 
 
@@ -440,7 +446,7 @@ class Scratch(nn.Module):
             self.add_module(f"layer{i}_rn", nn.Conv2d(ch, cfg.features, 3, padding=1, bias=False))
         for i in range(1, 5):
             self.add_module(f"refinenet{i}", FeatureFusionBlock(cfg.features))
-        self.output_conv = make_head(cfg)
+        self.output_conv = make_head(cfg.features, cfg.head_features)
 
 
 class DPT(nn.Module):

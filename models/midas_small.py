@@ -40,7 +40,7 @@ from torch import nn
 
 from common.errors import CheckpointError
 from models.checkpoint import load_strict, read_checkpoint
-from models.dpt import ResidualConvUnit, pad_same
+from models.dpt import ResidualConvUnit, make_head, pad_same
 
 # EfficientNet-Lite before width/depth scaling, one row per stage:
 # (block kind, repeats, depthwise kernel, stride, expansion ratio, output channels).
@@ -277,23 +277,6 @@ class FeatureFusionBlock(nn.Module):
         return self.out_conv(x)
 
 
-class Interpolate(nn.Module):
-    """Bilinear x2 with align_corners=False (half-pixel centres), as in MidasNet_small's head."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-
-
-def make_head(cfg: MidasSmallConfig) -> nn.Sequential:
-    """``scratch.output_conv`` (non_negative=True): conv, up x2, conv, ReLU, 1x1, ReLU."""
-    f = cfg.features
-    return nn.Sequential(
-        nn.Conv2d(f, f // 2, 3, padding=1), Interpolate(),
-        nn.Conv2d(f // 2, cfg.head_features, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(cfg.head_features, 1, 1), nn.ReLU(), nn.Identity(),
-    )
-
-
 class Scratch(nn.Module):
     """Per-level 3x3 convs to the decoder widths, four fusion blocks, the depth head."""
 
@@ -305,7 +288,8 @@ class Scratch(nn.Module):
         for i in range(4, 0, -1):  # refinenet1 never expands (its output feeds the head)
             self.add_module(f"refinenet{i}", FeatureFusionBlock(widths[i - 1],
                                                                 cfg.expand and i > 1))
-        self.output_conv = make_head(cfg)
+        # MidasNet_small's head upsamples with half-pixel centres (align_corners=False)
+        self.output_conv = make_head(cfg.features, cfg.head_features, align_corners=False)
 
 
 class MidasSmall(nn.Module):
