@@ -34,7 +34,6 @@ def converted(tmp_path_factory):
 
 def test_small_nafnet_converts_builtin_rank4_and_exact(converted):
     from validate.peers import (
-        NO_DEVICE,
         Converted,
         bench_model,
         convert_with_litert_torch,
@@ -53,12 +52,13 @@ def test_small_nafnet_converts_builtin_rank4_and_exact(converted):
     assert row["op_histogram"]["CONV_2D"] >= 9 * 4 + 2 + 4 + 4
     assert row["op_histogram"]["DEPTHWISE_CONV_2D"] == 9
     assert row["max_rank"] <= 4 and row["flex_ops"] == [] and row["gpu_analyzer"]
-    assert row["gpu_accelerator"] == NO_DEVICE
+    # the GPU accelerator's verdict: it ran (a device, e.g. make setup-gpu) or says why not
+    assert row["gpu_accelerator"].startswith(("ran (max abs vs CPU", "not tried: no GPU device"))
     assert row["max_abs_diff_vs_torch"] < 1e-4
     assert set(row["times"]) == {runtime_label(r) for r in RUNTIMES}
     table = "\n".join(format_table(result, "NAFNet"))
     assert f"`{converted['path'].name}`" in table and "litert-torch 0.10.0 (converted in" in table
-    assert NO_DEVICE in table
+    assert row["gpu_accelerator"] in table
     # the same file again: reused, not converted anew
     again = convert_with_litert_torch(None, [1, H, W, 4], 1, converted["path"], VENV)
     assert again.get("reused") and again["path"] == converted["path"]

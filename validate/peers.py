@@ -39,7 +39,6 @@ LITERT_TORCH_VERSION = "0.10.0"
 LITERT_TORCH_SCRIPT = Path(__file__).with_name("litert_torch_convert.py")
 CONVERT_TIMEOUT_S = 3 * 3600
 PAUSE_S = 0.5  # idle gap before each timed call (see validate.runtime.time_interleaved)
-NO_DEVICE = "not tried (no device)"
 TOP_OPS = 5
 
 
@@ -181,14 +180,11 @@ def _nhwc_runner(path: Path, threads: int, in_shape: list[int], out_shape: list[
 
 
 def gpu_accelerator_verdict(path: Path) -> str:
-    """HOOK for the GPU-accelerator verdict (LiteRT CompiledModel on a Vulkan device).
+    """The file run once on LiteRT's GPU accelerator (export/accelerator.py), in one line."""
+    from export.accelerator import gpu_execution_verdict
+    from export.report import gpu_execution_line
 
-    ``export/accelerator.py`` (``gpu_execution_verdict``) is not in this tree yet; until it is
-    wired here, every file gets NO_DEVICE. Wiring: call it on ``path`` and return "ran, max abs
-    vs CPU ..." / "failed: <reason>" / "not tried: <reason>" from its ``status``.
-    """
-    del path
-    return NO_DEVICE
+    return gpu_execution_line(gpu_execution_verdict(path))
 
 
 @dataclass
