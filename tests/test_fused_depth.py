@@ -8,6 +8,7 @@ is the same for every net) and the TFLite files."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -96,3 +97,60 @@ def test_builtin_only_rank4_gpu_ready_and_named_everywhere(depth_export, variant
     assert any("MEANINGLESS" in w and name in w for w in manifest["warnings"])
     assert json.loads(json.dumps(report["depth"])) == depth and report["nafnet_reused_from"]
     assert f"depth net: {name}" in (out / "report.txt").read_text()
+
+
+# --- full size: the official configs at the paper's 1024x1536 (pytest -m full) -------------------
+
+FULL_NETS = ("midas-small", "depth-anything-v2-small")
+
+
+@pytest.fixture(scope="module")
+def full_exports(tmp_path_factory):
+    """Both official small nets fused at 1024x1536 (fp32, fp16), NAFNet converted once; an
+    existing set (make bench-depth's build/bench-depth) is reused when BOKEHLITE_DEPTH_EXPORTS
+    names it."""
+    import os
+    from pathlib import Path
+
+    from validate.depth_bench import ensure_depth_exports
+
+    root = os.environ.get("BOKEHLITE_DEPTH_EXPORTS") or tmp_path_factory.mktemp("depth_full")
+    return ensure_depth_exports(Path(root), 1024, 1536, FULL_NETS, echo=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def bench_photos(tmp_path_factory):
+    from validate.bench import write_photos
+
+    return write_photos(tmp_path_factory.mktemp("bench_photos"))
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("name", FULL_NETS)
+def test_full_size_official_config_parity_on_photos(full_exports, bench_photos, name):
+    out = full_exports[name]
+    manifest, _ = read_manifest(out / "bokeh_fp32.tflite")
+    official = json.loads(json.dumps(dataclasses.asdict(depth_net(name).config)))
+    assert manifest["depth"]["name"] == name and manifest["depth"]["config"] == official
+    result = run_parity(out / "bokeh_fp32.tflite", images=bench_photos, tflite_only=True,
+                        echo=lambda s: None)
+    assert result["passed"], result["summary"]
+    for row in result["stages"][-1]["inputs"]:
+        assert row["max_abs_diff"] <= 1e-3 if row["output"] == "mask" else row["psnr_db"] >= 60
+    fp16 = run_parity(out / "bokeh_fp16.tflite", images=bench_photos, tflite_only=True,
+                      echo=lambda s: None)
+    assert fp16["passed"], fp16["summary"]
+    versus = fp16["stages"][-1]
+    assert min(r["psnr_db"] for r in versus["inputs"] if r["output"] == "bokeh") >= 45
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("name", FULL_NETS)
+def test_full_size_builtin_rank4_gpu_ready_and_small(full_exports, name):
+    out = full_exports[name]
+    for variant in ("fp32", "fp16"):
+        info = inspect_tflite(out / f"bokeh_{variant}.tflite")
+        assert info.flex_ops == [] and info.max_rank <= 4
+        manifest = json.loads((out / f"bokeh_{variant}.manifest.json").read_text())
+        assert manifest["gpu_compatible"] is True
+    assert (out / "bokeh_fp16.tflite").stat().st_size < 60e6
