@@ -27,7 +27,6 @@ import numpy as np
 import tensorflow as tf
 import torch
 
-from common.errors import CheckpointError
 from models.depth_anything import (
     DepthAnythingConfig,
     DepthAnythingV2,
@@ -40,6 +39,7 @@ from models.dpt_tf import (
     _layer_weights,
     _np,
     fusion_block,
+    port_by_layer_name,
     transformer_block,
     upsample2x,
 )
@@ -160,43 +160,23 @@ def port_weights(keras_model: tf.keras.Model, torch_state_dict: Mapping[str, tor
     (or be one inference never reads) and every Keras weight filled; otherwise
     ``CheckpointError`` names the keys.
     """
-    used: set[str] = set()
-    for layer in keras_model.layers:
-        if not layer.weights:
-            continue
 
-        def take(suffix: str, prefix: str = layer.name) -> torch.Tensor:
-            key = f"{prefix}.{suffix}"
-            if key not in torch_state_dict:
-                raise CheckpointError(f"state dict lacks {key!r}, needed by Keras layer {prefix}")
-            used.add(key)
-            return torch_state_dict[key]
-
+    def layer_weights(layer, take) -> list[np.ndarray]:
         fold = next((ls for end, ls in LAYER_SCALE_FOLDS.items() if layer.name.endswith(end)),
                     None)
         if isinstance(layer, TokenEmbed):
             pos = interpolate_pos_embed(take("pos_embed"), *layer.grid, config.interpolate_offset)
-            values = [_np(take("cls_token")), _np(pos)]
-        elif isinstance(layer, DepthToSpaceConv):
-            values = transposed_conv_weights(_np(take("weight")), _np(take("bias")))
-        elif fold is not None:
+            return [_np(take("cls_token")), _np(pos)]
+        if isinstance(layer, DepthToSpaceConv):
+            return transposed_conv_weights(_np(take("weight")), _np(take("bias")))
+        if fold is not None:
             block = layer.name.rsplit(".", 2)[0]
             gamma = _np(take("gamma", f"{block}.{fold}"))
-            values = [(_np(take("weight")) * gamma[:, None]).T, _np(take("bias")) * gamma]
-        else:
-            values = _layer_weights(layer, take, config)
-        expected = [tuple(w.shape) for w in layer.weights]
-        if [v.shape for v in values] != expected:
-            raise CheckpointError(
-                f"shapes for Keras layer {layer.name}: state dict gives "
-                f"{[v.shape for v in values]}, the model needs {expected}"
-            )
-        layer.set_weights(values)
-    leftover = sorted(set(torch_state_dict) - used - unused_keys(torch_state_dict, config))
-    if leftover:
-        raise CheckpointError(f"{len(leftover)} state-dict entries have no place in the Keras "
-                              f"Depth Anything V2: {leftover[:5]}")
-    return keras_model
+            return [(_np(take("weight")) * gamma[:, None]).T, _np(take("bias")) * gamma]
+        return _layer_weights(layer, take, config)
+
+    return port_by_layer_name(keras_model, torch_state_dict, layer_weights,
+                              unused_keys(torch_state_dict, config), "Depth Anything V2")
 
 
 def keras_depth_anything_from_torch(model: DepthAnythingV2, height: int, width: int,

@@ -318,32 +318,47 @@ def port_weights(keras_model: tf.keras.Model, torch_state_dict: Mapping[str, tor
     resized to the model's grid. Every state-dict entry must be used (or be one DPT never reads)
     and every Keras weight filled; otherwise ``CheckpointError`` names the keys.
     """
+    return port_by_layer_name(
+        keras_model, torch_state_dict, lambda layer, take: _layer_weights(layer, take, config),
+        unused_keys(torch_state_dict, config), f"DPT-{config.variant.title()}")
+
+
+def port_by_layer_name(keras_model: tf.keras.Model, torch_state_dict: Mapping[str, torch.Tensor],
+                       layer_weights: Callable, unused: set[str], what: str) -> tf.keras.Model:
+    """Fill every Keras layer from the PyTorch entries its name points at, in place (every Keras
+    port here names its layers by the official state-dict prefixes).
+
+    ``layer_weights(layer, take)`` gives a layer's Keras weights, reading tensors through
+    ``take(suffix, prefix=layer.name, needed_by=layer.name)``. Every entry must be used or be in
+    ``unused`` (ones the forward never reads), every Keras weight filled; otherwise one
+    ``CheckpointError`` names the keys.
+    """
     used: set[str] = set()
     for layer in keras_model.layers:
         if not layer.weights:
             continue
 
-        def take(suffix: str, prefix: str = layer.name) -> torch.Tensor:
+        def take(suffix: str, prefix: str = layer.name, needed_by: str = layer.name
+                 ) -> torch.Tensor:
             key = f"{prefix}.{suffix}"
             if key not in torch_state_dict:
-                raise CheckpointError(f"state dict lacks {key!r}, needed by Keras layer {prefix}")
+                raise CheckpointError(f"state dict lacks {key!r}, needed by Keras layer "
+                                      f"{needed_by}")
             used.add(key)
             return torch_state_dict[key]
 
-        values = _layer_weights(layer, take, config)
+        values = layer_weights(layer, take)
         expected = [tuple(w.shape) for w in layer.weights]
         if [v.shape for v in values] != expected:
             raise CheckpointError(
                 f"shapes for Keras layer {layer.name}: state dict gives "
-                f"{[v.shape for v in values]}, the {config.variant} model needs {expected}"
+                f"{[v.shape for v in values]}, the Keras {what} needs {expected}"
             )
         layer.set_weights(values)
-    leftover = sorted(set(torch_state_dict) - used - unused_keys(torch_state_dict, config))
+    leftover = sorted(set(torch_state_dict) - used - unused)
     if leftover:
-        raise CheckpointError(
-            f"{len(leftover)} state-dict entries have no place in the Keras DPT-"
-            f"{config.variant.title()}: {leftover[:5]}"
-        )
+        raise CheckpointError(f"{len(leftover)} state-dict entries have no place in the Keras "
+                              f"{what}: {leftover[:5]}")
     return keras_model
 
 

@@ -29,8 +29,7 @@ import numpy as np
 import tensorflow as tf
 import torch
 
-from common.errors import CheckpointError
-from models.dpt_tf import residual_conv_unit, upsample2x
+from models.dpt_tf import port_by_layer_name, residual_conv_unit, upsample2x
 from models.midas_small import (
     MidasSmall,
     MidasSmallConfig,
@@ -199,35 +198,9 @@ def port_weights(keras_model: tf.keras.Model, torch_state_dict: Mapping[str, tor
     place: convs OIHW -> HWIO, BatchNorms folded into the convs before them. Every state-dict
     entry must be used (or be one the forward never reads) and every Keras weight filled;
     otherwise ``CheckpointError`` names the keys."""
-    used: set[str] = set()
-    for layer in keras_model.layers:
-        if not layer.weights:
-            continue
-
-        def take(suffix: str, prefix: str = layer.name, needed_by: str = layer.name
-                 ) -> torch.Tensor:
-            key = f"{prefix}.{suffix}"
-            if key not in torch_state_dict:
-                raise CheckpointError(f"state dict lacks {key!r}, needed by Keras layer "
-                                      f"{needed_by}")
-            used.add(key)
-            return torch_state_dict[key]
-
-        values = _layer_weights(layer, take, config)
-        expected = [tuple(w.shape) for w in layer.weights]
-        if [v.shape for v in values] != expected:
-            raise CheckpointError(
-                f"shapes for Keras layer {layer.name}: state dict gives "
-                f"{[v.shape for v in values]}, the model needs {expected}"
-            )
-        layer.set_weights(values)
-    leftover = sorted(set(torch_state_dict) - used - unused_keys(torch_state_dict))
-    if leftover:
-        raise CheckpointError(
-            f"{len(leftover)} state-dict entries have no place in the Keras MiDaS Small: "
-            f"{leftover[:5]}"
-        )
-    return keras_model
+    return port_by_layer_name(
+        keras_model, torch_state_dict, lambda layer, take: _layer_weights(layer, take, config),
+        unused_keys(torch_state_dict), "MiDaS Small")
 
 
 def keras_midas_small_from_torch(model: MidasSmall, height: int, width: int,
