@@ -449,6 +449,18 @@ class Scratch(nn.Module):
         self.output_conv = make_head(cfg.features, cfg.head_features)
 
 
+def refine(scratch: nn.Module, maps: list[torch.Tensor]) -> torch.Tensor:
+    """The MiDaS decoder (DPT and MiDaS Small alike): per-level 3x3 convs, RefineNet fusion from
+    the coarsest map up, the depth head; ``[N,H,W]``."""
+    layer_1, layer_2, layer_3, layer_4 = maps
+    s = scratch
+    path_4 = s.refinenet4(s.layer4_rn(layer_4))
+    path_3 = s.refinenet3(path_4, s.layer3_rn(layer_3))
+    path_2 = s.refinenet2(path_3, s.layer2_rn(layer_2))
+    path_1 = s.refinenet1(path_2, s.layer1_rn(layer_1))
+    return s.output_conv(path_1).squeeze(1)
+
+
 class DPT(nn.Module):
     """MiDaS ``DPTDepthModel``: normalised RGB ``[N,3,H,W]`` -> disparity ``[N,H,W]``."""
 
@@ -489,13 +501,7 @@ class DPT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_size(*x.shape[-2:])
-        layer_1, layer_2, layer_3, layer_4 = self.forward_features(x)
-        s = self.scratch
-        path_4 = s.refinenet4(s.layer4_rn(layer_4))
-        path_3 = s.refinenet3(path_4, s.layer3_rn(layer_3))
-        path_2 = s.refinenet2(path_3, s.layer2_rn(layer_2))
-        path_1 = s.refinenet1(path_2, s.layer1_rn(layer_1))
-        return s.output_conv(path_1).squeeze(1)
+        return refine(self.scratch, self.forward_features(x))
 
     @classmethod
     def from_midas_checkpoint(cls, path: str | Path, config: DPTConfig | None = None) -> DPT:

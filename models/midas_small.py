@@ -40,7 +40,7 @@ from torch import nn
 
 from common.errors import CheckpointError
 from models.checkpoint import load_strict, read_checkpoint
-from models.dpt import ResidualConvUnit, make_head, pad_same
+from models.dpt import ResidualConvUnit, make_head, pad_same, refine
 
 # EfficientNet-Lite before width/depth scaling, one row per stage:
 # (block kind, repeats, depthwise kernel, stride, expansion ratio, output channels).
@@ -312,13 +312,7 @@ class MidasSmall(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_size(*x.shape[-2:])
-        layer_1, layer_2, layer_3, layer_4 = self.forward_features(x)
-        s = self.scratch
-        path_4 = s.refinenet4(s.layer4_rn(layer_4))
-        path_3 = s.refinenet3(path_4, s.layer3_rn(layer_3))
-        path_2 = s.refinenet2(path_3, s.layer2_rn(layer_2))
-        path_1 = s.refinenet1(path_2, s.layer1_rn(layer_1))
-        return s.output_conv(path_1).squeeze(1)
+        return refine(self.scratch, self.forward_features(x))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, config: MidasSmallConfig | None = None
