@@ -57,6 +57,7 @@ def test_parity_missing_tflite(tmp_path, capsys):
     assert "x.tflite: no such TFLite file" in _error_line(capsys)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, message", [
     ("corrupt", "not a readable image"),
     ("gray", "is L, not a colour photo"),
@@ -79,6 +80,7 @@ def test_parity_bad_images(nafnet_export, tmp_path, capsys, kind, message):
     assert f"{kind}.png" in line and message in line
 
 
+@pytest.mark.slow
 def test_parity_empty_image_folder(nafnet_export, tmp_path, capsys):
     out, _ = nafnet_export
     code = validate_main(["parity", "--tflite", str(out / "nafnet_fp32.tflite"),
@@ -87,6 +89,7 @@ def test_parity_empty_image_folder(nafnet_export, tmp_path, capsys):
     assert "no images" in _error_line(capsys)
 
 
+@pytest.mark.slow
 def test_parity_wrong_checkpoint_exit_1_and_json(nafnet_export, tmp_path, capsys):
     from models.nafnet import PAPER_CONFIG, random_nafnet
 
