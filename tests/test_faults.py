@@ -272,6 +272,7 @@ def test_every_command_refuses_bad_values_in_one_line(argv, tmp_path, monkeypatc
     assert "Traceback" not in err and " error: " in err.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # a trainer run
 def test_trainer_refuses_a_foreign_file_as_its_newest_checkpoint(tmp_path, capsys):
     import torch
 
