@@ -129,7 +129,7 @@ class ExportOptions:
             raise UserError(f"opset {self.opset} is outside 12-15, the range onnx-tf 1.10 "
                             "converts")
         if self.controls and not self.fuse:
-            raise UserError("controls need the fused model (the depth mask is computed in the "
+            raise UserError("--controls needs the fused model (the depth mask is computed in the "
                             "graph); drop --no-fuse")
         if self.fuse and self.depth:  # a bad name or short side fails before anything loads
             from models.depth import depth_input_size, depth_net
