@@ -10,6 +10,7 @@ calibration instead cover the size and centre-crop (``fit_to_size``).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,10 @@ def load_rgb(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise UserError(f"{path}: no such image file")
     try:
-        with Image.open(path) as raw:
+        with warnings.catch_warnings(), Image.open(path) as raw:
+            # between Pillow's warning and error limits: read (the commands bound the memory
+            # they need); its raw warning, once per read, tells the user nothing to act on
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             raw.load()
             img = ImageOps.exif_transpose(raw)
             mode = img.mode

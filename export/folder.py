@@ -12,15 +12,19 @@ complete export and swaps the whole set in at the end, so the folder never mixes
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from common.errors import UserError
 from common.files import ensure_writable_dir, read_json, remove_path
+from common.ownership import folder_lock
 
 STAGING = re.compile(r"^\.staging-(\d+)-[0-9a-f]+$")
 TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")  # common.files.atomic_path's temporary names
@@ -67,6 +71,28 @@ def previous_run(out: Path) -> dict | None:
     except UserError:
         return None
     return data if isinstance(data, dict) and ("run_id" in data or "stages" in data) else None
+
+
+def export_around(path: str | Path) -> Path | None:
+    """The export folder ``path`` is or lies in (None: none): other commands' ``--out`` must
+    not add files among an export's own."""
+    path = Path(path).resolve()
+    return next((p for p in (path, *path.parents) if previous_run(p) is not None), None)
+
+
+def holding_lock(run: Callable) -> Callable:
+    """Decorate an export function: its ``out_dir`` is locked for the whole run, so a second
+    run into the same folder refuses at once instead of both swapping their sets in."""
+    signature = inspect.signature(run)
+
+    @functools.wraps(run)
+    def locked(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        with folder_lock(bound.arguments["out_dir"], "export"):
+            return run(*args, **kwargs)
+
+    return locked
 
 
 def check(out_dir: str | Path, overwrite: bool) -> Path:

@@ -15,12 +15,14 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
+from common.limits import check_memory
 from common.quiet import quiet_tensorflow
 from export import folder, onnx_stages, tf_stages, tflite_stage
 from export.manifest import MANIFEST_FORMAT, write_manifest
 from export.quantize import QUANT_VARIANTS, write_quant_variants
 from export.report import StageLog, banner, summary_text, write_report
 from models.nafnet import PAPER_CONFIG, load_nafnet, random_nafnet
+from models.nafnet import activation_bytes as nafnet_activation_bytes
 
 RANDOM_WEIGHTS_WARNING = (
     "NO CHECKPOINT GIVEN: NAFNet has deterministic RANDOM weights (seed {seed}). The files prove "
@@ -81,8 +83,11 @@ def check_size(height: int, width: int) -> None:
         near = f"{max(16, round(height / 16) * 16)}x{max(16, round(width / 16) * 16)}"
         raise UserError(f"size {height}x{width}: height and width must be multiples of 16 "
                         f"(NAFNet downsamples 4 times), at least 16; e.g. {near}")
+    check_memory(f"size {height}x{width}", nafnet_activation_bytes(PAPER_CONFIG, height, width),
+                 "choose a smaller --height and --width")
 
 
+@folder.holding_lock
 def export(
     out_dir: str | Path = "build/export",
     height: int = 1024,
@@ -171,6 +176,7 @@ def export(
         if depth_weights is None:
             warnings.append(RANDOM_DEPTH_WARNING.format(
                 name=net.name, title=net.title, seed=seed, file=net.official_file or "FILE"))
+    _check_memory(config, height, width, record)
     out, staging, run_id = folder.begin(out_dir, overwrite)
     for w in warnings:
         echo(banner(w))
@@ -241,6 +247,20 @@ def export(
     folder.commit(out, staging)
     echo(summary_text(report))
     return report
+
+
+def _check_memory(config: dict, height: int, width: int, depth: dict | None) -> None:
+    """Before building anything: refuse sizes whose largest tensors alone exceed the memory
+    this machine has (docs/design.md, section 10), instead of being killed halfway."""
+    from models.depth import activation_bytes
+
+    what, estimate = f"an export at {height}x{width}", nafnet_activation_bytes(config, height,
+                                                                               width)
+    if depth is not None:
+        h, w = depth["input_size"]
+        what += f" with {depth['name']} at {h}x{w}"
+        estimate += activation_bytes(depth["name"], h, w)
+    check_memory(what, estimate, "choose a smaller --height, --width or --depth-short-side")
 
 
 def _write_fused(prefix: str, fused, nafnet_stages: list[dict], base: dict,

@@ -224,6 +224,13 @@ def parity_inputs(manifest: dict, images: str | Path | None, num_random: int = 2
 
 
 def compare(reference: np.ndarray, output: np.ndarray) -> dict:
+    """Max and mean absolute difference and PSNR; an output with NaN or inf is an error row
+    (no PSNR is reported for it)."""
+    for what, array in (("output", output), ("PyTorch reference", reference)):
+        bad = int(array.size - np.isfinite(array).sum())
+        if bad:
+            return {"error": f"{bad} non-finite values (NaN or inf) of {array.size} in the "
+                             f"{what}"}
     diff = np.abs(reference.astype(np.float64) - output.astype(np.float64))
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
             "psnr_db": round(psnr(reference, output), 2)}
@@ -307,6 +314,14 @@ def run_parity(
         raise UserError(f"unknown accelerator {accelerator!r}; choose cpu or gpu")
     tflite = Path(tflite)
     manifest, folder = read_manifest(tflite)
+    if accelerator == "gpu":
+        from export.tflite_info import flex_ops
+
+        flex = flex_ops(tflite)
+        if flex:
+            raise UserError(f"{tflite}: needs Flex ops ({', '.join(flex)}), which no GPU "
+                            "backend runs; --accelerator gpu refuses it (parity on the CPU "
+                            "still checks it)")
     reference = Reference(manifest, checkpoint)
     inputs = parity_inputs(manifest, images, num_random, echo=echo)
     defaults = control_inputs(manifest)
