@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from common.cli import positive_int, run_command, unit_float
 from common.errors import UserError
 from common.files import ensure_writable_dir
-from common.images import IMAGE_SUFFIXES, list_images, load_rgb, save_png, to_uint8
+from common.images import IMAGE_SUFFIXES, image_size, list_images, load_rgb, save_png, to_uint8
 from common.limits import check_memory
 from common.ownership import claim, record, written_here
 from export.runner import RUNTIMES
@@ -153,11 +153,7 @@ def check_outputs(photos: list[Path], out: Path, args: argparse.Namespace) -> No
 def check_render_memory(renderer, photos: list[Path], args: argparse.Namespace) -> None:
     """Before any rendering: the largest photo's arrays fit in memory (a sweep keeps its N
     renders until the strip is drawn), and so does a PyTorch pipeline at the size it runs."""
-    sizes = []
-    for path in photos:
-        with Image.open(path) as img:
-            sizes.append((img.height, img.width))
-    h, w = max(sizes, key=lambda s: s[0] * s[1])
+    h, w = max(map(image_size, photos), key=lambda s: s[0] * s[1])
     sweep = args.focus_sweep or 0
     # photo, bokeh, mask, compare panels (float32, 3 channels), plus the sweep's renders
     estimate = 12 * h * w * (4 + 2 * sweep)
