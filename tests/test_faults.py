@@ -51,6 +51,7 @@ def tree_hash(*folders: Path) -> dict[str, str]:
 # --- the atomic writer never deletes what it did not write -----------------------------------
 
 
+@pytest.mark.slow
 def test_parity_json_onto_a_folder_is_refused_and_the_folder_kept(nafnet_export, tmp_path,
                                                                    error_line):
     out, _ = nafnet_export
@@ -95,6 +96,7 @@ def truncated(nafnet_export, tmp_path_factory):
     return folder / "bokeh_fp32.tflite"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("verb, argv", [
     ("inspect", ["{m}"]),
     ("parity", ["--tflite", "{m}", "--tflite-only"]),
@@ -113,6 +115,7 @@ def test_truncated_tflite_is_one_line_not_a_crash(truncated, photo_dir, tmp_path
 # --- parity: nothing compared is never a PASS; a bad manifest is bad input (2), not a FAIL ---
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("count", ["0", "-3"])
 def test_parity_with_nothing_to_compare_is_exit_2(nafnet_export, capsys, count):
     out, _ = nafnet_export
@@ -123,6 +126,7 @@ def test_parity_with_nothing_to_compare_is_exit_2(nafnet_export, capsys, count):
     assert json.loads((out / "report.json").read_text()) == report  # nothing recorded
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m["inputs"][0].update(shape=[1, 8, 8, 4]), "do not match"),
     (lambda m: m.pop("tolerance"), "no 'tolerance'"),
@@ -152,6 +156,7 @@ def test_export_refuses_sizes_it_cannot_take_up_front(tmp_path, error_line):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_a_used_or_foreign_folder_is_refused_and_left_as_is(nafnet_export, tmp_path, error_line):
     out, _ = nafnet_export
     before = sorted(p.name for p in out.iterdir())
@@ -203,6 +208,7 @@ def test_a_new_run_replaces_the_whole_set_at_the_end(tmp_path):
     assert json.loads((out / "report.json").read_text())["run_id"] == run_id
 
 
+@pytest.mark.slow
 def test_every_manifest_of_an_export_names_its_run(nafnet_export):
     out, report = nafnet_export
     manifests = list(out.glob("*.manifest.json"))
@@ -381,6 +387,7 @@ def test_parity_missing_tflite(tmp_path, error_line):
     assert "x.tflite: no such TFLite file" in error_line("bokeh parity")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, message", [
     ("corrupt", "not a readable image"),
     ("gray", "is L, not a colour photo"),
@@ -402,6 +409,7 @@ def test_parity_bad_images(nafnet_export, tmp_path, error_line, kind, message):
     assert f"{kind}.png" in line and message in line
 
 
+@pytest.mark.slow
 def test_parity_empty_image_folder(nafnet_export, tmp_path, error_line):
     out, _ = nafnet_export
     code = bokeh(["parity", "--tflite", str(out / "nafnet_fp32.tflite"), "--images",
@@ -410,6 +418,7 @@ def test_parity_empty_image_folder(nafnet_export, tmp_path, error_line):
     assert "no images" in error_line("bokeh parity")
 
 
+@pytest.mark.slow
 def test_parity_wrong_checkpoint_exit_1_and_json(nafnet_export, tmp_path, capsys):
     from models.nafnet import PAPER_CONFIG, random_nafnet
 
@@ -443,6 +452,7 @@ def _export_tiny(out: Path, *extra: str) -> int:
                   "--no-gpu-check", *extra])
 
 
+@pytest.mark.slow
 def test_case_01_ai_benchmark_never_replaces_the_users_files(fused_export, tmp_path, error_line):
     out, _ = fused_export
     user = tmp_path / "mine"
@@ -464,6 +474,7 @@ def test_case_01_ai_benchmark_never_replaces_the_users_files(fused_export, tmp_p
                       "--out", str(bundle)]) == 0
 
 
+@pytest.mark.slow
 def test_case_02_render_never_overwrites_nor_renders_its_renders(fused_export, photo_dir,
                                                                  tmp_path, error_line):
     out, _ = fused_export
@@ -537,6 +548,7 @@ def test_case_05_a_depth_size_the_machine_cannot_hold_is_refused(tmp_path, error
     assert not (tmp_path / "e").exists()  # no staging folder, nothing
 
 
+@pytest.mark.slow
 def test_case_06_a_focus_sweep_the_machine_cannot_hold_is_refused(fused_export, photo_dir,
                                                                   tmp_path, error_line):
     out, _ = fused_export
@@ -600,6 +612,7 @@ def test_case_08_ctrl_c_in_train_saves_a_checkpoint_and_resume_continues(tmp_pat
     assert step == 3
 
 
+@pytest.mark.slow
 def test_case_09_a_manifest_naming_the_wrong_kind_is_refused(nafnet_export, tmp_path,
                                                             error_line):
     out, _ = nafnet_export

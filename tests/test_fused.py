@@ -14,6 +14,7 @@ from tools.cli import export_main
 from validate.parity import Reference, parity_inputs, read_manifest, run_parity
 
 
+@pytest.mark.slow
 def test_fused_tflite_matches_pytorch_pipeline_on_photos(fused_export, photo_dir):
     out, _ = fused_export
     result = run_parity(out / "bokeh_fp32.tflite", images=photo_dir, echo=lambda s: None)
@@ -29,6 +30,7 @@ def test_fused_tflite_matches_pytorch_pipeline_on_photos(fused_export, photo_dir
     assert "bokeh-savedmodel" in names and "bokeh-frozen-graph" in names
 
 
+@pytest.mark.slow
 def test_reference_mask_is_not_degenerate(fused_export, photo_dir):
     """Parity on a constant mask would prove little: the random DPT must give real structure."""
     out, _ = fused_export
@@ -40,6 +42,7 @@ def test_reference_mask_is_not_degenerate(fused_export, photo_dir):
         assert mask.std() > 0.05
 
 
+@pytest.mark.slow
 def test_fp16_within_45db_of_fp32(fused_export, photo_dir):
     out, _ = fused_export
     result = run_parity(out / "bokeh_fp16.tflite", images=photo_dir, echo=lambda s: None)
@@ -49,6 +52,7 @@ def test_fp16_within_45db_of_fp32(fused_export, photo_dir):
     assert min(r["psnr_db"] for r in versus["inputs"] if r["output"] == "bokeh") >= 45
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["fp32", "fp16"])
 def test_fused_variants_builtin_only_rank4_with_gpu_verdict(fused_export, variant):
     out, report = fused_export

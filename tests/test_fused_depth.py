@@ -42,6 +42,7 @@ def depth_export(request, fused_export, tmp_path_factory):
     return name, out, report
 
 
+@pytest.mark.slow
 def test_fp32_matches_the_pytorch_pipeline_with_the_same_net(depth_export, photo_dir):
     name, out, _ = depth_export
     result = run_parity(out / "bokeh_fp32.tflite", images=photo_dir, echo=lambda s: None,
@@ -59,6 +60,7 @@ def test_fp32_matches_the_pytorch_pipeline_with_the_same_net(depth_export, photo
                      if name == EVERY_STAGE else ["tflite-fp32"])
 
 
+@pytest.mark.slow
 def test_reference_uses_the_net_and_its_mask_is_not_degenerate(depth_export, photo_dir):
     name, out, _ = depth_export
     manifest, _ = read_manifest(out / "bokeh_fp32.tflite")
@@ -73,6 +75,7 @@ def test_reference_uses_the_net_and_its_mask_is_not_degenerate(depth_export, pho
         assert mask.std() > 0.05
 
 
+@pytest.mark.slow
 def test_fp16_within_45db_of_fp32(depth_export, photo_dir):
     _, out, _ = depth_export
     result = run_parity(out / "bokeh_fp16.tflite", images=photo_dir, echo=lambda s: None,
@@ -83,6 +86,7 @@ def test_fp16_within_45db_of_fp32(depth_export, photo_dir):
     assert min(r["psnr_db"] for r in versus["inputs"] if r["output"] == "bokeh") >= 45
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["fp32", "fp16"])
 def test_builtin_only_rank4_gpu_ready_and_named_everywhere(depth_export, variant):
     name, out, report = depth_export

@@ -36,6 +36,7 @@ def test_letterbox_round_trip():
     np.testing.assert_allclose(canvas[where.top - 1], canvas[where.top + 1])
 
 
+@pytest.mark.slow
 def test_tflite_render_with_compare(fused_export, photo_dir, tmp_path, capsys):
     out, _ = fused_export
     thin = tmp_path / "in" / "thin.png"
@@ -61,6 +62,7 @@ def test_tflite_render_with_compare(fused_export, photo_dir, tmp_path, capsys):
     assert np.abs(a - b).max() <= 1
 
 
+@pytest.mark.slow
 def test_refuses_nafnet_alone_and_corrupt_tflite(fused_export, photo_dir, tmp_path, capsys):
     out, _ = fused_export
     photo = str(photo_dir / "chelsea.png")
@@ -73,6 +75,7 @@ def test_refuses_nafnet_alone_and_corrupt_tflite(fused_export, photo_dir, tmp_pa
     assert "bad.tflite: not a readable TFLite model" in _error_line(capsys)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, message", [
     ("missing", "no such image file"),
     ("corrupt", "not a readable image"),
