@@ -45,7 +45,7 @@ def load_weights_only(path: Path) -> object:
             reason = (f"it holds Python code or objects ({code.group(1)}), not only tensors; "
                       "refused without running it")
         elif "Weights only load failed" in text or isinstance(exc, pickle.UnpicklingError):
-            reason = "not a PyTorch weights file (its contents are not a readable pickle)"
+            reason = "not a readable PyTorch weights file (no pickle of tensors in it)"
         else:
             first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
             reason = f"not a readable PyTorch file ({first})"

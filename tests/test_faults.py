@@ -707,7 +707,7 @@ def test_case_13_unreadable_weights_get_our_words_not_torchs(tmp_path, capsys, k
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "Warning" not in err
         assert "weights_only" not in err and "Re-running" not in err
-        assert ("not a PyTorch weights file" if kind == "random"
+        assert ("not a readable PyTorch weights file" if kind == "random"
                 else "holds Python code or objects (posix.system)") in err
     assert tree_hash(tmp_path) == before  # the code did not run
 

@@ -30,8 +30,8 @@ class TFLiteRenderer:
 
     def __init__(self, path: str | Path, threads: int | None = None, runtime: str = "litert"):
         path = Path(path)
-        manifest, _ = read_manifest(path)  # a file that is not one of ours is refused here
-        probe = make_interpreter(path, allocate=False)
+        probe = make_interpreter(path, allocate=False)  # a corrupt file is refused first
+        manifest, _ = read_manifest(path)  # then one that is not one of ours
         inputs, outputs = probe.get_input_details(), probe.get_output_details()
         names = {d["name"] for d in outputs}
         if manifest["model"] == "nafnet":
