@@ -484,11 +484,13 @@ def test_case_02_render_never_overwrites_nor_renders_its_renders(fused_export, p
     shutil.copy(photo_dir / "coffee.png", photos / "x.png")
     (photos / "x_bokeh.png").write_bytes((photo_dir / "chelsea.png").read_bytes())  # the user's
     before = tree_hash(photos)
-    assert bokeh(["render", str(photos), "--out", str(photos), *model]) == 2
+    for overwrite in ([], ["--overwrite"]):  # the user's x_bokeh.png is a photo to render too
+        assert bokeh(["render", str(photos), "--out", str(photos), *overwrite, *model]) == 2
+        assert "x_bokeh.png: is an input, and the render of" in error_line("bokeh render",
+                                                                           only=True)
+    assert bokeh(["render", str(photos / "x.png"), "--out", str(photos), *model]) == 2
     assert "x_bokeh.png: exists and was not written by this tool" in error_line(
         "bokeh render", only=True)
-    assert bokeh(["render", str(photos), "--out", str(photos), "--overwrite", *model]) == 2
-    assert "x_bokeh.png: is an input, and the render of" in error_line("bokeh render", only=True)
     assert bokeh(["render", str(photos), "--out", str(out), *model]) == 2
     assert "inside the export folder" in error_line("bokeh render", only=True)
     assert tree_hash(photos) == before
