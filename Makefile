@@ -50,7 +50,8 @@ setup-gpu: $(VENV_STAMP)
 test: $(VENV_STAMP)
 	$(BIN)/python -m pytest -q -rs
 
-# The fused photo -> bokeh model (and NAFNet alone beside it), then parity of every stage.
+# The fused photo -> bokeh model (and NAFNet alone beside it), then parity of every file the
+# export's report.json lists, in one process (one PyTorch reference per net).
 # EXPORT_ARGS=--controls adds bokeh_controls_*.tflite (focus and strength inputs, issue #14).
 export: $(VENV_STAMP)
 	$(BIN)/bokeh export --export-dir $(OUT) --overwrite --height $(HEIGHT) --width $(WIDTH) \
@@ -60,15 +61,7 @@ export: $(VENV_STAMP)
 		--quant-variants '$(QUANT_VARIANTS)' --calib-samples $(CALIB_SAMPLES) \
 		$(if $(CALIB_DIR),--calib-dir $(CALIB_DIR)) \
 		$(EXPORT_ARGS)
-	$(BIN)/bokeh parity --tflite $(OUT)/bokeh_fp32.tflite --num-random 1
-	$(BIN)/bokeh parity --tflite $(OUT)/bokeh_fp16.tflite --num-random 1 --tflite-only
-	if [ -f $(OUT)/bokeh_controls_fp32.tflite ]; then \
-		$(BIN)/bokeh parity --tflite $(OUT)/bokeh_controls_fp32.tflite --num-random 1 && \
-		$(BIN)/bokeh parity --tflite $(OUT)/bokeh_controls_fp16.tflite --num-random 1 \
-		--tflite-only || exit 1; fi
-	for v in drq int8 int16x8; do if [ -f $(OUT)/bokeh_$$v.tflite ]; then \
-		$(BIN)/bokeh parity --tflite $(OUT)/bokeh_$$v.tflite --num-random 1 --tflite-only \
-		|| exit 1; fi; done
+	$(BIN)/bokeh parity --export-dir $(OUT) --num-random 1
 	@echo "TFLite models: $$(ls $(OUT)/*.tflite | tr '\n' ' ')"
 	@echo "Report: $(OUT)/report.txt"
 

@@ -4,7 +4,7 @@ complete export and swaps the whole set in at the end, so the folder never mixes
 - Each run has an id, recorded in report.json and in every manifest it writes.
 - A folder that already holds an export is replaced only with ``overwrite`` (`make export` passes
   it); a non-empty folder that holds something else is refused, never emptied.
-- A run holds a lock on the folder from start to end (``holding_lock``, common/ownership.py): a
+- A run holds a lock on the folder from start to end (common/ownership.py, ``folder_lock``): a
   second run into the same folder refuses in one line naming the first one's process id.
 - A run that fails leaves the last complete export as it was; its own files go to
   ``failed-run/`` with report.txt saying why. A run that was killed leaves a staging folder and
@@ -14,19 +14,15 @@ complete export and swaps the whole set in at the end, so the folder never mixes
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 from common.errors import UserError
 from common.files import ensure_writable_dir, read_json, remove_path
-from common.ownership import folder_lock
 
 STAGING = re.compile(r"^\.staging-(\d+)-[0-9a-f]+$")
 TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)$")  # common.files.atomic_path's temporary names
@@ -80,21 +76,6 @@ def export_around(path: str | Path) -> Path | None:
     not add files among an export's own."""
     path = Path(path).resolve()
     return next((p for p in (path, *path.parents) if previous_run(p) is not None), None)
-
-
-def holding_lock(run: Callable) -> Callable:
-    """Decorate an export function: its ``out_dir`` is locked for the whole run, so a second
-    run into the same folder refuses at once instead of both swapping their sets in."""
-    signature = inspect.signature(run)
-
-    @functools.wraps(run)
-    def locked(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        with folder_lock(bound.arguments["out_dir"], "export"):
-            return run(*args, **kwargs)
-
-    return locked
 
 
 def check(out_dir: str | Path, overwrite: bool) -> Path:

@@ -71,11 +71,11 @@ def fused_export(tmp_path_factory):
     """Paper-config NAFNet + tiny random DPT, exported once at 64x96 through every stage, fp32
     and fp16: NAFNet alone (nafnet_*.tflite), fused (bokeh_*.tflite) and fused with the focus
     and strength inputs (bokeh_controls_*.tflite, from the same NAFNet stages)."""
-    from export.pipeline import export
+    from export.pipeline import ExportOptions, export
 
     out = tmp_path_factory.mktemp("export")
-    report = export(out, SMALL_H, SMALL_W, dpt_variant="tiny", dpt_short_side=64,
-                    controls=True, echo=lambda s: None)
+    report = export(ExportOptions(out, SMALL_H, SMALL_W, depth="dpt-tiny", depth_short_side=64,
+                                  controls=True), echo=lambda s: None)
     return out, report
 
 

@@ -101,6 +101,7 @@ def _tflite_max_rank(onnx_path, folder):
         tflite_stage.to_tflite(frozen, spec, folder / "m.tflite")).max_rank
 
 
+@pytest.mark.slow  # a TFLite conversion
 def test_crd_to_dcr_rewrite_is_exact_and_removes_rank6(tmp_path):
     torch.manual_seed(0)
     model = _Upsampler().eval()

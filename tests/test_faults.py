@@ -294,6 +294,7 @@ def test_every_command_refuses_bad_values_in_one_line(argv, tmp_path, monkeypatc
     assert "Traceback" not in err and " error: " in err.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # a trainer run
 def test_trainer_refuses_a_foreign_file_as_its_newest_checkpoint(tmp_path, error_line):
 
     out = tmp_path / "run"
@@ -576,6 +577,7 @@ def test_case_07_a_tensor_of_the_wrong_dtype_is_named(tmp_path, error_line):
     assert tree_hash(tmp_path) == before
 
 
+@pytest.mark.slow  # a trainer run
 def test_case_08_ctrl_c_in_train_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch,
                                                                          capsys, error_line):
     import signal

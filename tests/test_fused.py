@@ -10,8 +10,9 @@ import torch
 
 from export.tflite_info import inspect_tflite
 from models.pipeline import normalize_per_image, resize_bilinear
+from models.reference import Reference
 from tools.cli import export_main
-from validate.parity import Reference, parity_inputs, read_manifest, run_parity
+from validate.parity import parity_inputs, read_manifest, run_parity
 
 
 @pytest.mark.slow
@@ -116,3 +117,46 @@ def test_dpt_of_another_architecture(tmp_path, capsys):
     assert code == 2
     line = _line(capsys)
     assert "not_dpt.pt: not a MiDaS v3.0 DPT checkpoint" in line and "DPT-Hybrid" in line
+
+
+@pytest.mark.slow
+def test_parity_of_a_whole_export_dir_in_one_process(fused_export, tmp_path, capsys,
+                                                     monkeypatch):
+    """`bokeh parity --export-dir` checks every file report.json lists, records each result
+    there, and builds one PyTorch reference per (weights, depth net)."""
+    import shutil
+
+    from models import reference
+    from tools.cli import main as bokeh
+    from validate.parity import export_files
+
+    out = tmp_path / "export"
+    shutil.copytree(fused_export[0], out)
+    files = export_files(out)
+    assert {f.name for f in files} >= {"nafnet_fp32.tflite", "bokeh_fp16.tflite",
+                                       "bokeh_controls_fp32.tflite"}
+    built = []
+    original = reference.Reference.__init__
+
+    def counting(self, manifest, checkpoint=None):
+        built.append(manifest["model"])
+        original(self, manifest, checkpoint)
+
+    monkeypatch.setattr(reference.Reference, "__init__", counting)
+    assert bokeh(["parity", "--export-dir", str(out), "--num-random", "1"]) == 0
+    assert sorted(built) == ["bokeh", "nafnet"]  # one per reference, not one per file
+    assert f"{len(files)} of {len(files)} files within tolerance" in capsys.readouterr().out
+    recorded = json.loads((out / "report.json").read_text())["parity"]
+    assert set(recorded) == {f.name for f in files}
+    assert all(r["passed"] for r in recorded.values())
+
+
+def test_parity_export_dir_refuses_single_file_flags_and_foreign_folders(tmp_path, capsys):
+    from tools.cli import main as bokeh
+
+    assert bokeh(["parity", "--export-dir", str(tmp_path)]) == 2
+    assert "no report.json" in capsys.readouterr().err
+    assert bokeh(["parity", "--export-dir", str(tmp_path), "--pair", "1,1"]) == 2
+    assert "--pair: only with --tflite" in capsys.readouterr().err
+    assert bokeh(["parity", "--export-dir", str(tmp_path), "--tflite", "x.tflite"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -17,7 +17,8 @@ import pytest
 from export.pipeline import NAFNET_ARTIFACTS
 from export.tflite_info import inspect_tflite
 from models.depth import depth_net
-from validate.parity import Reference, parity_inputs, read_manifest, run_parity
+from models.reference import Reference
+from validate.parity import parity_inputs, read_manifest, run_parity
 
 SMALL_H, SMALL_W = 64, 96  # the shared export's size (conftest.py)
 
@@ -29,13 +30,13 @@ EVERY_STAGE = "depth-anything-v2-small-tiny"  # parity of the fused SavedModel a
 
 @pytest.fixture(scope="module", params=list(NETS))
 def depth_export(request, fused_export, tmp_path_factory):
-    from export.pipeline import export
+    from export.pipeline import ExportOptions, export
 
     name = request.param
     out = tmp_path_factory.mktemp(name)
-    report = export(out, SMALL_H, SMALL_W, depth=name, depth_short_side=NETS[name],
-                    variants=("fp32", "fp16"), reuse_nafnet=fused_export[0],
-                    gpu_check=False, echo=lambda s: None)
+    report = export(ExportOptions(out, SMALL_H, SMALL_W, depth=name,
+                                  depth_short_side=NETS[name], reuse_nafnet=fused_export[0],
+                                  gpu_check=False), echo=lambda s: None)
     for artifact in NAFNET_ARTIFACTS:
         path = out / artifact
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -124,7 +125,7 @@ def full_exports(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bench_photos(tmp_path_factory):
-    from validate.bench import write_photos
+    from validate.doc import write_photos
 
     return write_photos(tmp_path_factory.mktemp("bench_photos"))
 
