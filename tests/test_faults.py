@@ -681,9 +681,11 @@ def test_case_12_render_refuses_a_model_that_is_not_ours(photo_dir, tmp_path, er
 
     tf = quiet_tensorflow()
 
+    kernel = tf.constant(np.ones((4, 3), np.float32))
+
     @tf.function(input_signature=[tf.TensorSpec([1, 8, 8, 4], tf.float32, name="input")])
-    def dense(x):
-        return {"output": tf.keras.layers.Dense(3)(x)}
+    def dense(x):  # a tiny Dense model, [1,H,W,4] in like NAFNet, but not one of ours
+        return {"output": tf.tensordot(x, kernel, 1)}
 
     model = _convert(dense, tmp_path / "dense.tflite")
     before = tree_hash(tmp_path)
