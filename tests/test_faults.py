@@ -616,6 +616,21 @@ def test_case_08_ctrl_c_in_train_saves_a_checkpoint_and_resume_continues(tmp_pat
     assert step == 3
 
 
+@pytest.mark.parametrize("verb, module, name, argv", [
+    ("render", "tools.render", "_run", ["x.png", "--out", "o"]),
+    ("train", "train.trainer", "train", ["--preset", "quick", "--out", "o"]),  # before a step
+])
+def test_case_08_ctrl_c_in_any_command_is_one_line(monkeypatch, capsys, verb, module, name, argv):
+    import importlib
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(module), name, ctrl_c)
+    assert bokeh([verb, *argv]) == 130
+    assert capsys.readouterr().err == f"bokeh {verb}: interrupted\n"
+
+
 @pytest.mark.slow
 def test_case_09_a_manifest_naming_the_wrong_kind_is_refused(nafnet_export, tmp_path,
                                                             error_line):
