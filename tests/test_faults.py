@@ -561,6 +561,12 @@ def test_case_06_a_focus_sweep_the_machine_cannot_hold_is_refused(fused_export, 
     line = error_line("bokeh render", only=True)
     assert "--focus-sweep 1000000 of coffee.png needs at least" in line
     assert not (tmp_path / "r").exists()
+    before = tree_hash(out)
+    assert bokeh(["parity", "--tflite", str(out / "bokeh_fp32.tflite"),
+                  "--num-random", "1000000000"]) == 2  # every count has its bound
+    assert "--num-random 1000000000 at 64x96 needs at least" in error_line("bokeh parity",
+                                                                          only=True)
+    assert tree_hash(out) == before
 
 
 def test_case_07_a_tensor_of_the_wrong_dtype_is_named(tmp_path, error_line):

@@ -23,6 +23,7 @@ import torch
 
 from common.errors import UserError
 from common.images import fit_to_size, list_images, load_rgb
+from common.limits import check_memory
 from common.metrics import psnr
 from export.manifest import TOLERANCE, control_inputs, read_manifest
 from export.runner import TFLiteRunner
@@ -42,6 +43,11 @@ class ParityInput:
     label: str
     value: np.ndarray  # NHWC float32 [1, H, W, C]
     controls: dict[str, float] | None = None  # focus, strength of a controls model
+
+
+# Floats per pixel kept for one parity input: the photo (3), NAFNet's input and output (4 + 3),
+# the bokeh and the mask (3 + 1), and the file's own outputs (4): a lower bound.
+REFERENCE_FLOATS = 18
 
 
 def with_controls(inputs: list[ParityInput], pairs) -> list[ParityInput]:
@@ -258,6 +264,11 @@ def run_parity(
                             "backend runs; --accelerator gpu refuses it (parity on the CPU "
                             "still checks it)")
     reference = reference or Reference(manifest, checkpoint)
+    if images is None:  # every input's PyTorch outputs are kept until every stage is compared
+        _, height, width, _ = manifest["inputs"][0]["shape"]
+        runs = num_random * max(1, len(control_pairs) if control_inputs(manifest) else 1)
+        check_memory(f"--num-random {num_random} at {height}x{width}",
+                     runs * height * width * 4 * REFERENCE_FLOATS, "choose a smaller --num-random")
     inputs = parity_inputs(manifest, images, num_random, echo=echo)
     defaults = control_inputs(manifest)
     if defaults:
