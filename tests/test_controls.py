@@ -282,7 +282,7 @@ def test_render_refuses_bad_control_values(photo_dir, tmp_path, capsys, args, me
 def test_export_controls_needs_the_fused_model(tmp_path, capsys):
     from tools.cli import export_main
 
-    code = export_main(["--out", str(tmp_path / "o"), "--height", "64", "--width", "96",
+    code = export_main(["--export-dir", str(tmp_path / "o"), "--height", "64", "--width", "96",
                         "--controls", "--no-fuse"])
     assert code == 2
     assert "--controls needs the fused model" in capsys.readouterr().err

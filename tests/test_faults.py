@@ -350,7 +350,7 @@ def test_a_full_disk_mid_export_is_one_line_and_the_last_export_stays(tmp_path, 
 
 
 def test_export_missing_checkpoint(tmp_path, error_line):
-    code = bokeh(["export", "--out", str(tmp_path / "o"), "--height", "32", "--width", "32",
+    code = bokeh(["export", "--export-dir", str(tmp_path / "o"), "--height", "32", "--width", "32",
                   "--checkpoint", str(tmp_path / "nope.pth")])
     assert code == 2
     assert "nope.pth: no such checkpoint file" in error_line("bokeh export")
@@ -361,7 +361,7 @@ def test_export_checkpoint_with_wrong_keys(tmp_path, error_line):
     from models.nafnet import NAFNet
 
     torch.save(NAFNet(in_channels=3, out_channels=3, width=16).state_dict(), tmp_path / "w.pth")
-    code = bokeh(["export", "--out", str(tmp_path / "o"), "--height", "32", "--width", "32",
+    code = bokeh(["export", "--export-dir", str(tmp_path / "o"), "--height", "32", "--width", "32",
                   "--checkpoint", str(tmp_path / "w.pth")])
     assert code == 2
     assert "w.pth: shapes do not fit NAFNet" in error_line("bokeh export")
@@ -370,15 +370,16 @@ def test_export_checkpoint_with_wrong_keys(tmp_path, error_line):
 def test_export_unwritable_output_folder(tmp_path, error_line):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    code = bokeh(["export", "--out", str(blocker / "sub"), "--height", "32", "--width", "32"])
+    code = bokeh(["export", "--export-dir", str(blocker / "sub"), "--height", "32",
+                  "--width", "32"])
     assert code == 2
     assert "output folder is not writable" in error_line("bokeh export")
 
 
 def test_export_rejects_unknown_variant_and_opset(tmp_path, error_line):
-    assert bokeh(["export", "--out", str(tmp_path), "--variants", "int3"]) == 2
+    assert bokeh(["export", "--export-dir", str(tmp_path), "--variants", "int3"]) == 2
     assert "unknown variant 'int3'" in error_line("bokeh export")
-    assert bokeh(["export", "--out", str(tmp_path), "--height", "32", "--width", "32",
+    assert bokeh(["export", "--export-dir", str(tmp_path), "--height", "32", "--width", "32",
                   "--opset", "9"]) == 2
     assert "opset 9" in error_line("bokeh export")
 

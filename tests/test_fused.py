@@ -99,8 +99,8 @@ def test_corrupt_dpt_file_clear_error_and_nothing_written(tmp_path, capsys):
     bad = tmp_path / "dpt_hybrid_384.pt"
     bad.write_bytes(b"\x00" * 100)
     out = tmp_path / "out"
-    code = export_main(["--out", str(out), "--height", "64", "--width", "96",
-                        "--dpt-weights", str(bad)])
+    code = export_main(["--export-dir", str(out), "--height", "64", "--width", "96",
+                        "--depth-weights", str(bad)])
     assert code == 2
     line = _line(capsys)
     assert "dpt_hybrid_384.pt" in line and "expected a depth net file" in line
@@ -112,8 +112,8 @@ def test_dpt_of_another_architecture(tmp_path, capsys):
 
     path = tmp_path / "not_dpt.pt"
     torch.save(NAFNet(width=8, enc_blocks=(1,), dec_blocks=(1,)).state_dict(), path)
-    code = export_main(["--out", str(tmp_path / "o"), "--height", "64", "--width", "96",
-                        "--dpt-weights", str(path)])
+    code = export_main(["--export-dir", str(tmp_path / "o"), "--height", "64", "--width", "96",
+                        "--depth-weights", str(path)])
     assert code == 2
     line = _line(capsys)
     assert "not_dpt.pt: not a MiDaS v3.0 DPT checkpoint" in line and "DPT-Hybrid" in line

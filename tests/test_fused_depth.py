@@ -67,8 +67,8 @@ def test_reference_uses_the_net_and_its_mask_is_not_degenerate(depth_export, pho
     manifest, _ = read_manifest(out / "bokeh_fp32.tflite")
     ref = Reference(manifest)
     net = depth_net(name)
-    assert type(ref.pipeline.dpt).__name__ in ("MidasSmall", "DepthAnythingV2")
-    assert ref.pipeline.dpt_size == (NETS[name], NETS[name] * 3 // 2)
+    assert type(ref.pipeline.depth).__name__ in ("MidasSmall", "DepthAnythingV2")
+    assert ref.pipeline.depth_size == (NETS[name], NETS[name] * 3 // 2)
     assert ref.pipeline.mean.flatten().tolist() == pytest.approx(net.mean)
     for inp in parity_inputs(manifest, photo_dir, echo=lambda s: None):
         mask = ref.run(inp.value)["bokeh"]["mask"]

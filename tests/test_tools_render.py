@@ -107,12 +107,12 @@ def test_pytorch_needs_real_depth_unless_allowed(photo_dir, tmp_path, capsys):
     photo = str(photo_dir / "chelsea.png")
     assert main([photo, "--checkpoint", str(ckpt), "--out", str(tmp_path / "o")]) == 2
     assert "--checkpoint needs --depth-weights" in _error_line(capsys)
-    code = main([photo, "--checkpoint", str(ckpt), "--allow-random-dpt", "--size", "64x96",
+    code = main([photo, "--checkpoint", str(ckpt), "--allow-random-depth", "--size", "64x96",
                  "--compare", "--out", str(tmp_path / "o")])
     assert code == 0
     assert "RANDOM depth net" in capsys.readouterr().out
     assert _size(tmp_path / "o" / "chelsea_bokeh.png") == (451, 300)
     assert (tmp_path / "o" / "chelsea_compare.png").is_file()
-    assert main([photo, "--checkpoint", str(tmp_path / "nope.pth"), "--allow-random-dpt",
+    assert main([photo, "--checkpoint", str(tmp_path / "nope.pth"), "--allow-random-depth",
                  "--out", str(tmp_path / "o")]) == 2
     assert "nope.pth: no such checkpoint file" in _error_line(capsys)

@@ -156,7 +156,7 @@ def _old_depth_name(depth: str | None, dpt_variant: str | None) -> str | None:
 
     old = depth_net(dpt_variant).name if dpt_variant else None
     if depth and old and depth != old:
-        raise UserError(f"--depth {depth} and --dpt-variant {dpt_variant} disagree "
+        raise UserError(f"--depth {depth} and --dpt-variant {old} disagree "
                         "(--dpt-variant is the old name of --depth); give one")
     return depth or old
 
@@ -193,7 +193,8 @@ def export_main(argv: list[str] | None = None, prog: str = "bokeh export") -> in
                   file=sys.stderr)
             return 1
         model = "nafnet" if args.no_fuse else "bokeh"
-        print(f"Next: bokeh parity --tflite {args.export_dir}/{model}_fp32.tflite")
+        print(f"Next: bokeh parity --export-dir {args.export_dir}   (every file)\n"
+              f"      bokeh parity --tflite {args.export_dir}/{model}_fp32.tflite")
         if args.controls:
             print(f"      bokeh parity --tflite {args.export_dir}/bokeh_controls_fp32.tflite")
         return 0
