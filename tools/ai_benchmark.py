@@ -21,6 +21,7 @@ from pathlib import Path
 from common.cli import run_command
 from common.errors import UserError
 from common.files import ensure_writable_dir, human_bytes, read_json, write_bytes, write_json
+from common.ownership import claim, record
 from export.tflite_info import dynamic_dims, gpu_verdict
 from tools.inspect import inspect
 
@@ -28,6 +29,7 @@ BUNDLE_FORMAT = "bokehlite-ai-benchmark/1"
 DELEGATES = ("gpu", "cpu", "nnapi")
 DEFAULT_DELEGATE = {"fp16": "gpu", "fp32": "cpu"}
 NOT_MEASURED = "not measured — run validate parity --tflite {path}"
+BUNDLE_FILES = ("model.tflite", "manifest.json", "README.txt")
 
 
 class Refused(UserError):
@@ -158,16 +160,24 @@ def readme_text(bundle: dict) -> str:
 
 
 def make_bundle(out: str | Path, variant: str = "fp16", export_dir: str | Path = "build/export",
-                tflite: str | Path | None = None, delegate: str | None = None) -> dict:
+                tflite: str | Path | None = None, delegate: str | None = None,
+                overwrite: bool = False) -> dict:
     """Check the model against the delegate, then write model.tflite, manifest.json, README.txt.
 
-    Raises ``Refused`` (a ``UserError``) when the delegate cannot run the model.
+    Raises ``Refused`` (a ``UserError``) when the delegate cannot run the model, and
+    ``UserError`` when ``out`` lies in an export folder or holds a file of those names that this
+    tool did not write (unless ``overwrite``): the user's files are never replaced.
     """
+    from export.folder import export_around
     from export.manifest import read_manifest
 
     if variant not in DEFAULT_DELEGATE:
         raise UserError(f"unknown variant {variant!r}; expected one of {tuple(DEFAULT_DELEGATE)}")
     src = source_tflite(variant, export_dir, tflite)
+    inside = export_around(out)
+    if inside is not None:
+        raise UserError(f"{out}: is inside the export folder {inside}; give the bundle a folder "
+                        "of its own (e.g. build/bundle)")
     manifest, folder = read_manifest(src)
     names = [t.get("name") for t in manifest["inputs"]]
     if len(names) != 1:
@@ -187,6 +197,7 @@ def make_bundle(out: str | Path, variant: str = "fp16", export_dir: str | Path =
     if reasons:
         raise Refused(f"{src}: refused for a {delegate.upper()} bundle: " + "; ".join(reasons))
     out = ensure_writable_dir(out)
+    claim(out, BUNDLE_FILES, overwrite)
     data = src.read_bytes()
     bundle = build_manifest(src, data, info, manifest, dynamic, delegate,
                             parity_record(src, manifest, folder),
@@ -194,6 +205,7 @@ def make_bundle(out: str | Path, variant: str = "fp16", export_dir: str | Path =
     write_bytes(out / "model.tflite", data)
     write_json(out / "manifest.json", bundle)
     write_bytes(out / "README.txt", readme_text(bundle).encode())
+    record(out, [out / name for name in BUNDLE_FILES])
     return bundle
 
 
@@ -206,7 +218,11 @@ def build_parser(prog: str = "bokeh ai-benchmark") -> argparse.ArgumentParser:
         epilog=f"examples:\n  {prog} --variant fp16 --out bundle\n"
                f"  {prog} --tflite build/export/bokeh_fp32.tflite --delegate cpu --out bundle\n"
                "Then copy DIR/model.tflite to the phone's Download folder (see DIR/README.txt).")
-    p.add_argument("--out", required=True, help="bundle folder (created)")
+    p.add_argument("--out", required=True,
+                   help="bundle folder (created; not inside an export folder)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace model.tflite, manifest.json, README.txt in --out even if this "
+                        "tool did not write them")
     p.add_argument("--variant", default="fp16", choices=tuple(DEFAULT_DELEGATE),
                    help="fp16 for the GPU delegate, fp32 for the CPU (default %(default)s)")
     p.add_argument("--export-dir", default="build/export",
@@ -224,7 +240,8 @@ def main(argv: list[str] | None = None, prog: str = "bokeh ai-benchmark") -> int
 
 
 def _run(args: argparse.Namespace) -> int:
-    bundle = make_bundle(args.out, args.variant, args.export_dir, args.tflite, args.delegate)
+    bundle = make_bundle(args.out, args.variant, args.export_dir, args.tflite, args.delegate,
+                         args.overwrite)
     out = Path(args.out)
     print(f"Bundle for AI Benchmark ({bundle['delegate'].upper()}): {out}/")
     print(f"  model.tflite   {human_bytes(bundle['bytes'])}, sha256 {bundle['sha256'][:16]}...")

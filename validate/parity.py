@@ -23,6 +23,7 @@ import torch
 
 from common.errors import UserError
 from common.images import fit_to_size, list_images, load_rgb
+from common.limits import check_memory
 from common.metrics import psnr
 from export.manifest import TOLERANCE, control_inputs, read_manifest
 from export.runner import TFLiteRunner
@@ -42,6 +43,11 @@ class ParityInput:
     label: str
     value: np.ndarray  # NHWC float32 [1, H, W, C]
     controls: dict[str, float] | None = None  # focus, strength of a controls model
+
+
+# Floats per pixel kept for one parity input: the photo (3), NAFNet's input and output (4 + 3),
+# the bokeh and the mask (3 + 1), and the file's own outputs (4): a lower bound.
+REFERENCE_FLOATS = 18
 
 
 def with_controls(inputs: list[ParityInput], pairs) -> list[ParityInput]:
@@ -157,6 +163,13 @@ def parity_inputs(manifest: dict, images: str | Path | None, num_random: int = 2
 
 
 def compare(reference: np.ndarray, output: np.ndarray) -> dict:
+    """Max and mean absolute difference and PSNR; an output with NaN or inf is an error row
+    (no PSNR is reported for it)."""
+    for what, array in (("output", output), ("PyTorch reference", reference)):
+        bad = int(array.size - np.isfinite(array).sum())
+        if bad:
+            return {"error": f"{bad} non-finite values (NaN or inf) of {array.size} in the "
+                             f"{what}"}
     diff = np.abs(reference.astype(np.float64) - output.astype(np.float64))
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
             "psnr_db": round(psnr(reference, output), 2)}
@@ -242,7 +255,20 @@ def run_parity(
         raise UserError(f"unknown accelerator {accelerator!r}; choose cpu or gpu")
     tflite = Path(tflite)
     manifest, folder = read_manifest(tflite)
+    if accelerator == "gpu":
+        from export.tflite_info import flex_ops
+
+        flex = flex_ops(tflite)
+        if flex:
+            raise UserError(f"{tflite}: needs Flex ops ({', '.join(flex)}), which no GPU "
+                            "backend runs; --accelerator gpu refuses it (parity on the CPU "
+                            "still checks it)")
     reference = reference or Reference(manifest, checkpoint)
+    if images is None:  # every input's PyTorch outputs are kept until every stage is compared
+        _, height, width, _ = manifest["inputs"][0]["shape"]
+        runs = num_random * max(1, len(control_pairs) if control_inputs(manifest) else 1)
+        check_memory(f"--num-random {num_random} at {height}x{width}",
+                     runs * height * width * 4 * REFERENCE_FLOATS, "choose a smaller --num-random")
     inputs = parity_inputs(manifest, images, num_random, echo=echo)
     defaults = control_inputs(manifest)
     if defaults:
