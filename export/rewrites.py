@@ -253,6 +253,76 @@ def square_as_mul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return _finish(model, g, set(), changed)
 
 
+# A power of two: scaling by it is exact in fp32. NAFNet's LayerNorms centre up to 128 channels;
+# at 2^-4 their squares stay finite in fp16 for |x - mean| < 4096 (a residual stream near
+# |x| = 500 reaches ~1000), and the variance is a 1/C conv, which phones accumulate in fp32.
+LAYER_NORM_SCALE = 2.0 ** -4
+
+
+def layer_norm_scaled_statistics(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """LayerNorm's ``c = x - mean`` scaled by ``S`` before it is squared, ``eps`` by ``S^2``.
+
+    A phone GPU stores ``c * c`` in fp16, which overflows past |c| = 256 (docs/design.md,
+    section 12). ``S`` is a power of two, so in fp32 every value after it is exactly the
+    unscaled one times ``S`` or ``S^2`` (squares, the 1/C mean, ``+ eps S^2``, and
+    ``sqrt(S^2 v) = S sqrt(v)``), and ``(S c) / (S sqrt(v + eps))`` is the same quotient: the
+    output does not change by a bit. Matches ``Div(c, Sqrt(Add(mean(Mul(c, c)), eps)))`` with
+    ``c = Sub(x, mean(x))`` read by nothing else.
+    """
+    g = _Graph(model)
+    changed = 0
+    for div in list(model.graph.node):
+        if div.op_type != "Div" or len(div.input) != 2:
+            continue
+        c, root = div.input[0], g.producers.get(div.input[1])
+        add = g.producers.get(root.input[0]) if root is not None and root.op_type == "Sqrt" \
+            else None
+        operands = _split_operands(g, add) if add is not None and add.op_type == "Add" else None
+        var = g.producers.get(operands[0]) if operands is not None else None
+        square = g.producers.get(var.input[0]) if var is not None and var.op_type in (
+            "ReduceMean", "Conv") else None
+        sub = g.producers.get(c)
+        if square is None or square.op_type != "Mul" or list(square.input) != [c, c] \
+                or sub is None or sub.op_type != "Sub" or operands[1].size != 1 \
+                or {id(u) for u in g.users[c]} != {id(square), id(div)}:
+            continue
+        scale = g.add_const(f"{c}_fp16_scale", np.array(LAYER_NORM_SCALE, np.float32))
+        scaled = g.fresh(f"{c}_scaled")
+        model.graph.node.insert(list(model.graph.node).index(sub) + 1, onnx.helper.make_node(
+            "Mul", [c, scale], [scaled], name=g.fresh(f"{sub.name or c}_fp16_scale")))
+        square.input[0] = square.input[1] = div.input[0] = scaled
+        eps = operands[1].astype(np.float32) * np.float32(LAYER_NORM_SCALE ** 2)
+        eps_name = g.add_const(f"{add.output[0]}_eps", eps)
+        add.input[0 if add.input[0] in g.inits else 1] = eps_name
+        changed += 1
+    return _finish(model, g, set(), changed)
+
+
+def global_pool_staged(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """``GlobalAveragePool`` (NAFNet's channel attention) -> a mean over W, then over H.
+
+    A phone GPU accumulates a mean in fp16: over 1024x1536 pixels the running sum passes 65504
+    at a mean of 0.04, and long before that each added pixel is below half a step of the sum.
+    Staged, no sum adds more than one row (1536) or column (1024) of values (docs/design.md,
+    section 12). The same sum in another order: equal in fp32 to float rounding.
+    """
+    g = _Graph(model)
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "GlobalAveragePool":
+            continue
+        rows = g.fresh(f"{node.output[0]}_rows")
+        nodes = [onnx.helper.make_node("ReduceMean", [node.input[0]], [rows], axes=[3],
+                                       keepdims=1, name=g.fresh(f"{node.name or rows}_rows")),
+                 onnx.helper.make_node("ReduceMean", [rows], list(node.output), axes=[2],
+                                       keepdims=1, name=node.name)]
+        index = list(model.graph.node).index(node)
+        model.graph.node.insert(index, nodes[0])
+        node.CopyFrom(nodes[1])
+        changed += 1
+    return model, changed
+
+
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     """Static shapes (None for unknown dims) of every value shape inference can tell."""
     graph = onnx.shape_inference.infer_shapes(model).graph
@@ -635,12 +705,15 @@ def max_tensor_rank(model: onnx.ModelProto) -> int:
 
 
 # Order matters: folds first (they look for the NCHW patterns the exporter wrote), then the
-# op-for-op substitutions, and the layout change last.
+# op-for-op substitutions (the fp16 ones before the mean becomes a conv and the square root gets
+# its Relu), and the layout change last.
 PASSES = (
     depth_to_space_crd_to_dcr,
     fold_affine_into_next_conv,
     fold_scale_into_prev_conv,
     square_as_mul,
+    layer_norm_scaled_statistics,
+    global_pool_staged,
     simplegate_as_split,
     split_convs_at_gate,
     sqrt_divisor_in_delegate,

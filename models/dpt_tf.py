@@ -5,7 +5,7 @@ input size so that it converts to TFLite with builtin ops only and every tensor 
 which is what the phone GPU delegate accepts:
 - GroupNorm takes only means over one or two spatial axes (the MEAN forms XNNPACK delegates),
   also for the mean over each group's channels; attention runs as ``[N, heads, tokens, dim]``.
-- Every norm, the large means and the attention softmax use the fp16-safe forms of
+- Every norm and its large means use the fp16-safe forms of
   ``models.fp16_tf`` (a phone GPU computes in fp16; docs/design.md, section 12): exact in fp32.
 - Each fusion block's 1x1 ``out_conv`` runs before its bilinear x2 upsampling, on a quarter of
   the pixels: both are linear and the bilinear weights sum to one, so the order does not change
@@ -197,7 +197,7 @@ def transformer_block(x: tf.Tensor, cfg: DPTConfig, prefix: str) -> tf.Tensor:
     q, k, v = tf.split(layers.Dense(3 * dim, name=f"{prefix}.attn.qkv")(h), 3, axis=-1)
     q = split_heads(q, [0, 2, 1, 3]) * (head_dim ** -0.5)
     k = split_heads(k, [0, 2, 3, 1])  # already transposed for q @ k^T
-    attn = fp16_tf.softmax(tf.matmul(q, k), fp16_tf.fp16_safe())
+    attn = tf.nn.softmax(tf.matmul(q, k), axis=-1)
     o = tf.matmul(attn, split_heads(v, [0, 2, 1, 3]))
     o = tf.reshape(tf.transpose(o, [0, 2, 1, 3]), [-1, tokens, dim])
     x = x + layers.Dense(dim, name=f"{prefix}.attn.proj")(o)

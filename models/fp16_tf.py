@@ -1,4 +1,4 @@
-"""fp16-safe forms of the Keras depth nets' normalisations and attention softmax.
+"""fp16-safe forms of the Keras depth nets' normalisations and large means.
 
 A phone GPU stores every activation in fp16 (largest finite 65504) and accumulates means and sums
 in fp16 (docs/design.md, section 12). Each function here computes, in fp32, what the textbook
@@ -8,8 +8,12 @@ every intermediate of an fp16 run in range:
   is scale invariant, and a power of two scales every fp32 product, sum, square root and
   quotient exactly, so nothing changes in fp32 while squares stay far below 65504;
 - a mean over a large extent is staged (rows, then columns), so no running sum adds up more than
-  one row or column of values;
-- the softmax subtracts each row's maximum before exponentiating (every ``exp`` is <= 1).
+  one row or column of values.
+
+The attention softmax needs no rewrite: TFLite's SOFTMAX kernels subtract the row maximum
+themselves, the GPU ones too (delegates/gpu/common/tasks/softmax.cc, ML Drift's softmax1x1), and
+sum the exponentials in fp32; an explicit ``x - max`` would cost a pass over every attention
+matrix on the CPU for nothing.
 
 ``with naive_fp16():`` builds the textbook forms instead: the switch exists so that tests and
 benchmarks can show a graph that fails in fp16 next to the one that does not.
@@ -92,16 +96,3 @@ def group_norm_eps(eps: float, safe: bool = True) -> float:
     """The GroupNorm epsilon for inputs scaled by ``norm_input_scale``."""
     scale = norm_input_scale(safe)
     return eps * scale * scale
-
-
-def softmax(logits: tf.Tensor, safe: bool = True) -> tf.Tensor:
-    """Softmax over the last axis of ``logits - max(logits)``.
-
-    Softmax is shift invariant and the subtraction makes the row maximum exactly 0, so in fp32
-    it changes nothing beyond the rounding of the subtraction (TFLite's CPU kernels subtract the
-    maximum themselves); a GPU kernel that exponentiates the logits as given overflows fp16 at
-    a logit of 11.1, which attention logits of a trained ViT pass.
-    """
-    if safe:
-        logits = logits - tf.reduce_max(logits, axis=-1, keepdims=True)
-    return tf.nn.softmax(logits, axis=-1)
