@@ -721,3 +721,7 @@ PASSES = (
     conv_same_padding,
     channels_last,
 )
+# The passes that make NAFNet fp16-safe (docs/design.md, section 12), and the pass list without
+# them: the textbook graph, for tests and benchmarks that show what they fix.
+FP16_PASSES = (layer_norm_scaled_statistics, global_pool_staged)
+NAIVE_FP16_PASSES = tuple(p for p in PASSES if p not in FP16_PASSES)
