@@ -263,7 +263,7 @@ def layer_norm_scaled_statistics(model: onnx.ModelProto) -> tuple[onnx.ModelProt
     """LayerNorm's ``c = x - mean`` scaled by ``S`` before it is squared, ``eps`` by ``S^2``.
 
     A phone GPU stores ``c * c`` in fp16, which overflows past |c| = 256 (docs/design.md,
-    section 12). ``S`` is a power of two, so in fp32 every value after it is exactly the
+    section 13). ``S`` is a power of two, so in fp32 every value after it is exactly the
     unscaled one times ``S`` or ``S^2`` (squares, the 1/C mean, ``+ eps S^2``, and
     ``sqrt(S^2 v) = S sqrt(v)``), and ``(S c) / (S sqrt(v + eps))`` is the same quotient: the
     output does not change by a bit. Matches ``Div(c, Sqrt(Add(mean(Mul(c, c)), eps)))`` with
@@ -304,7 +304,7 @@ def global_pool_staged(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     A phone GPU accumulates a mean in fp16: over 1024x1536 pixels the running sum passes 65504
     at a mean of 0.04, and long before that each added pixel is below half a step of the sum.
     Staged, no sum adds more than one row (1536) or column (1024) of values (docs/design.md,
-    section 12). The same sum in another order: equal in fp32 to float rounding.
+    section 13). The same sum in another order: equal in fp32 to float rounding.
     """
     g = _Graph(model)
     changed = 0
@@ -721,7 +721,7 @@ PASSES = (
     conv_same_padding,
     channels_last,
 )
-# The passes that make NAFNet fp16-safe (docs/design.md, section 12), and the pass list without
+# The passes that make NAFNet fp16-safe (docs/design.md, section 13), and the pass list without
 # them: the textbook graph, for tests and benchmarks that show what they fix.
 FP16_PASSES = (layer_norm_scaled_statistics, global_pool_staged)
 NAIVE_FP16_PASSES = tuple(p for p in PASSES if p not in FP16_PASSES)

@@ -6,7 +6,7 @@ which is what the phone GPU delegate accepts:
 - GroupNorm takes only means over one or two spatial axes (the MEAN forms XNNPACK delegates),
   also for the mean over each group's channels; attention runs as ``[N, heads, tokens, dim]``.
 - Every norm and its large means use the fp16-safe forms of
-  ``models.fp16_tf`` (a phone GPU computes in fp16; docs/design.md, section 12): exact in fp32.
+  ``models.fp16_tf`` (a phone GPU computes in fp16; docs/design.md, section 13): exact in fp32.
 - Each fusion block's 1x1 ``out_conv`` runs before its bilinear x2 upsampling, on a quarter of
   the pixels: both are linear and the bilinear weights sum to one, so the order does not change
   the result (beyond float rounding).

@@ -1,7 +1,7 @@
 """fp16-safe forms of the Keras depth nets' normalisations and large means.
 
 A phone GPU stores every activation in fp16 (largest finite 65504) and accumulates means and sums
-in fp16 (docs/design.md, section 12). Each function here computes, in fp32, what the textbook
+in fp16 (docs/design.md, section 13). Each function here computes, in fp32, what the textbook
 formula computes (bit for bit where its docstring says so, else to float rounding), while keeping
 every intermediate of an fp16 run in range:
 - statistics are taken on values scaled by a power of two ``S`` with ``eps * S^2``: normalisation

@@ -1,7 +1,7 @@
 """Stress weights: random nets given the activation magnitudes of trained ones (issue 19).
 
 Random weights keep every activation near 1, which hides what fp16 does to a trained net
-(docs/design.md, section 12): a trained NAFNet's residual stream reaches |x| around 175-500,
+(docs/design.md, section 13): a trained NAFNet's residual stream reaches |x| around 175-500,
 trained ViTs carry a few residual channels near +-1000 ("massive activations", Darcet et al.
 2024; Sun et al. 2024), and a trained ResNet's GroupNorms see inputs at that scale. Each function
 here changes a model in place, deterministically and without any file, so that it reaches those

@@ -1,4 +1,4 @@
-"""The fp16-safe rewrites (docs/design.md, section 12), each on its own: exact in fp32, and under
+"""The fp16-safe rewrites (docs/design.md, section 13), each on its own: exact in fp32, and under
 fp16 arithmetic (export/arith.py) finite and close at stress magnitudes where the textbook form
 is not; then stress models that fail without the rewrites and pass with them."""
 
