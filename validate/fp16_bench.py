@@ -53,7 +53,7 @@ def ensure_exports(root: Path, height: int, width: int, nets: tuple[str, ...],
                    ) -> dict[tuple[str, str], Path]:
     """``root/WEIGHTS/NET``: a fused fp32 + fp16 export of each net with each kind of weights,
     exported when missing or of another size."""
-    from export.pipeline import NAFNET_ARTIFACTS, export
+    from export.pipeline import NAFNET_ARTIFACTS, ExportOptions, export
 
     checkpoints = stress_checkpoints(root / "weights", nets)
     folders = {}
@@ -67,10 +67,11 @@ def ensure_exports(root: Path, height: int, width: int, nets: tuple[str, ...],
             if not done:
                 echo(f"{weights}/{net}: exporting at {height}x{width} to {out}")
                 stressed = weights == "stress"
-                export(out, height, width, checkpoint=checkpoints["nafnet"] if stressed else None,
-                       depth=net, depth_weights=checkpoints[net] if stressed else None,
-                       depth_short_side=short_side, variants=("fp32", "fp16"), overwrite=True,
-                       gpu_check=False, reuse_nafnet=source, echo=lambda s: None)
+                export(ExportOptions(
+                    out, height, width, checkpoint=checkpoints["nafnet"] if stressed else None,
+                    depth=net, depth_weights=checkpoints[net] if stressed else None,
+                    depth_short_side=short_side, variants=("fp32", "fp16"), overwrite=True,
+                    gpu_check=False, reuse_nafnet=source), echo=lambda s: None)
             folders[weights, net] = out
             if source is None and all((out / a).exists() for a in NAFNET_ARTIFACTS):
                 source = out
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m validate.fp16_ben
     command = " ".join([prog, *(argv if argv is not None else sys.argv[1:])])
 
     def body() -> int:
-        from validate.bench import publish_section, write_photos
+        from validate.doc import publish_section, write_photos
 
         root = Path(args.dir)
         photos = write_photos(root / "photos")
