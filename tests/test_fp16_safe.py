@@ -158,6 +158,34 @@ def test_stress_nafnet_survives_fp16(stress_nafnet_onnx):
     assert np.isfinite(out).all() and np.abs(out - ref).max() < 2e-2
 
 
+@pytest.mark.parametrize("name,size", [("dpt-tiny", (64, 96)), ("midas-small-tiny", (64, 96)),
+                                       ("depth-anything-v2-small-tiny", (56, 84))])
+def test_stress_weights_reach_trained_magnitudes(name, size):
+    """Measured on another input than the probe the weights were scaled on: a few residual
+    channels near +-1000, DPT-Hybrid's GroupNorm inputs near 1000, where random weights stay
+    near 1-40."""
+    x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(7)) * 4 - 2
+    model = load_depth_model(name, seed=1)
+    before = stress.residual_peaks(model, x)
+    after = stress.residual_peaks(stress.stress_depth(model), x)
+    assert before["residual"] < 50 and 800 < after["residual"] < 1500
+    if name == "dpt-tiny":
+        assert before["group_norm_input"] < 100 and 500 < after["group_norm_input"] < 2000
+
+
+def test_stress_nafnet_is_the_same_function_larger_inside():
+    torch.manual_seed(2)
+    model = randomize_residual_scales(NAFNet(4, 3, 8, (1, 1), 1, (1, 1))).eval()
+    x = torch.rand(1, 4, 32, 48, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        before = model(x)
+        assert stress.residual_peaks(model, x)["residual"] < 10
+        stress.stress_nafnet(model)
+        after = model(x)
+    assert 250 < stress.residual_peaks(model, x)["residual"] < 1500
+    assert torch.allclose(after, before, atol=1e-4)
+
+
 # --- depth nets: stress models -------------------------------------------------------------------
 
 
