@@ -127,12 +127,14 @@ def stress_nafnet_onnx(tmp_path_factory):
     return model, onnx_stages.simplify(raw, folder / "m_sim.onnx"), folder
 
 
-def test_layer_norm_pass_is_bit_exact(stress_nafnet_onnx, tmp_path):
+def test_residual_stream_pass_is_bit_exact_and_adds_no_op(stress_nafnet_onnx, tmp_path):
     _, sim, _ = stress_nafnet_onnx
-    model, _ = rewrites.square_as_mul(onnx.load(str(sim)))
+    model = onnx.load(str(sim))
+    ops = [n.op_type for n in model.graph.node]
     onnx.save(model, str(tmp_path / "before.onnx"))
-    scaled, count = rewrites.layer_norm_scaled_statistics(model)
+    scaled, count = rewrites.residual_stream_scaled(model)
     assert count == 2 * 3  # two LayerNorms in each of the 3 blocks
+    assert [n.op_type for n in scaled.graph.node] == ops
     onnx.save(scaled, str(tmp_path / "after.onnx"))
     x = np.random.default_rng(4).random(NAFNET_SHAPE, dtype=np.float32)
     before = onnx_stages.run_onnx(tmp_path / "before.onnx", x)
@@ -147,7 +149,7 @@ def test_stress_nafnet_survives_fp16(stress_nafnet_onnx):
     peak = stress.residual_peaks(model, torch.from_numpy(photo).permute(0, 3, 1, 2))
     assert 250 < peak["residual"] < 1500
     onnx_path, counts = onnx_stages.rewrite(sim, folder / "mobile.onnx")
-    assert counts["layer_norm_scaled_statistics"] == 6 and counts["global_pool_staged"] == 3
+    assert counts["residual_stream_scaled"] == 6 and counts["global_pool_staged"] == 3
     with contextlib.redirect_stdout(io.StringIO()):
         saved = tf_stages.to_tensorflow(onnx_path, folder / "sm")
         fn = tf_stages.nchw_to_nhwc_function(saved, (1, *NAFNET_SHAPE[2:], 4))

@@ -54,6 +54,7 @@ def ensure_exports(root: Path, height: int, width: int, nets: tuple[str, ...],
     """``root/WEIGHTS/NET``: a fused fp32 + fp16 export of each net with each kind of weights,
     exported when missing or of another size."""
     from export.pipeline import NAFNET_ARTIFACTS, ExportOptions, export
+    from models.depth import depth_net
 
     checkpoints = stress_checkpoints(root / "weights", nets)
     folders = {}
@@ -64,13 +65,15 @@ def ensure_exports(root: Path, height: int, width: int, nets: tuple[str, ...],
             manifest = out / "bokeh_fp32.manifest.json"
             done = manifest.is_file() and (out / "bokeh_fp16.tflite").is_file() and (
                 read_json(manifest)["height"], read_json(manifest)["width"]) == (height, width)
+            side = None if short_side is None else max(1, round(
+                short_side / depth_net(net).multiple)) * depth_net(net).multiple
             if not done:
                 echo(f"{weights}/{net}: exporting at {height}x{width} to {out}")
                 stressed = weights == "stress"
                 export(ExportOptions(
                     out, height, width, checkpoint=checkpoints["nafnet"] if stressed else None,
                     depth=net, depth_weights=checkpoints[net] if stressed else None,
-                    depth_short_side=short_side, variants=("fp32", "fp16"), overwrite=True,
+                    depth_short_side=side, variants=("fp32", "fp16"), overwrite=True,
                     gpu_check=False, reuse_nafnet=source), echo=lambda s: None)
             folders[weights, net] = out
             if source is None and all((out / a).exists() for a in NAFNET_ARTIFACTS):
@@ -195,7 +198,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m validate.fp16_ben
     p.add_argument("--width", type=positive_int, default=1536)
     p.add_argument("--nets", default=",".join(NETS), help="depth nets (%(default)s)")
     p.add_argument("--depth-short-side", type=positive_int,
-                   help="depth-net input short side (default: each net's own)")
+                   help="depth-net input short side, rounded to each net's multiple (default: "
+                        "each net's own)")
     p.add_argument("--photos", type=positive_int, help="use only the first N bench photos")
     p.add_argument("--dir", default="build/bench-fp16", help="exports (%(default)s)")
     p.add_argument("--doc", default="docs/benchmarks.md", help="markdown file to update")
