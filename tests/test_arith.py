@@ -44,18 +44,21 @@ def assert_self_check(path, rng) -> None:
         assert err <= SELF_CHECK * span, f"{path.name} {name}: {err:.2e} of range {span:.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stem", ["nafnet_fp32", "nafnet_fp16", "bokeh_fp32", "bokeh_fp16",
                                   "bokeh_controls_fp32", "bokeh_controls_fp16"])
 def test_fp32_policy_matches_litert(fused_export, stem, rng):
     assert_self_check(fused_export[0] / f"{stem}.tflite", rng)
 
 
+@pytest.mark.slow
 def test_fp16_file_reads_fp16_weights_through_dequantize(fused_export):
     kinds = op_kinds(fused_export[0] / "bokeh_fp16.tflite")
     assert kinds["DEQUANTIZE"] > 10
     assert "DEQUANTIZE" not in op_kinds(fused_export[0] / "bokeh_fp32.tflite")
 
 
+@pytest.mark.slow
 def test_fp16_report_of_the_tiny_fused_model(fused_export, rng):
     path = fused_export[0] / "bokeh_fp16.tflite"
     report = arithmetic_report(path, _inputs(path, rng))
