@@ -852,7 +852,8 @@ def op_kinds(tflite: str | Path) -> dict[str, int]:
 
 # --- the verdict --------------------------------------------------------------------------------
 
-def _min_psnr(output: str) -> float:
+def min_psnr(output: str) -> float:
+    """The PSNR floor (dB) of ``output`` under fp16 against fp32 (issue 19's targets)."""
     return FP16_MIN_PSNR.get(output, FP16_DEFAULT_MIN_PSNR)
 
 
@@ -882,15 +883,15 @@ def arithmetic_report(tflite: str | Path, inputs: dict[str, np.ndarray], policy:
     for name, value in run.outputs.items():
         bad = int(np.count_nonzero(~np.isfinite(value)))
         db = None if bad else round(psnr(run.reference_outputs[name], value), 2)
-        outputs[name] = {"nonfinite": bad, "psnr_db": db, "min_psnr_db": _min_psnr(name),
-                         "passed": bad == 0 and db is not None and db >= _min_psnr(name)}
+        outputs[name] = {"nonfinite": bad, "psnr_db": db, "min_psnr_db": min_psnr(name),
+                         "passed": bad == 0 and db is not None and db >= min_psnr(name)}
     first = run.first_nonfinite()
     ranked = sorted((op for op in run.ops if op.db_lost is not None), key=lambda op: -op.db_lost)
     passed = first is None and all(o["passed"] for o in outputs.values())
     return {
         "policy": policy, "against": "the same file in fp32 arithmetic (export/arith.py)",
         "passed": passed, "outputs": outputs,
-        "threshold": {"nonfinite_values": 0, "min_psnr_db": {n: _min_psnr(n) for n in outputs}},
+        "threshold": {"nonfinite_values": 0, "min_psnr_db": {n: min_psnr(n) for n in outputs}},
         "nonfinite_ops": sum(1 for op in run.ops if op.nonfinite),
         "first_nonfinite": _op_entry(first) if first else None,
         "worst_ops": [_op_entry(op) for op in ranked[:worst]],

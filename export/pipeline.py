@@ -17,6 +17,7 @@ import torch
 from common.errors import UserError
 from common.quiet import quiet_tensorflow
 from export import folder, onnx_stages, tf_stages, tflite_stage
+from export.arith import verdict_line
 from export.manifest import MANIFEST_FORMAT, write_manifest
 from export.quantize import QUANT_VARIANTS, write_quant_variants
 from export.report import StageLog, banner, summary_text, write_report
@@ -367,7 +368,13 @@ def _write_variants(prefix: str, frozen: Path, io_spec: dict, variants: tuple[st
             tflite = exc.flex_path
         if gpu_check:
             log.echo(f"  .. {tflite.name}: running it on the GPU accelerator")
-        report["variants"][tflite.name] = write_manifest(tflite, variant, manifest_base,
-                                                         gpu_check=gpu_check)
+        summary = write_manifest(tflite, variant, manifest_base, gpu_check=gpu_check)
+        report["variants"][tflite.name] = summary
+        fp16 = summary["fp16_arithmetic"]
+        if fp16["passed"] is False:  # a verdict like the GPU one: recorded and said loudly
+            log.echo(banner(f"{tflite.name}: {verdict_line(fp16)}: a phone GPU computing in "
+                            "fp16 will not reproduce this model (docs/design.md, section 12)"))
+        else:
+            log.echo(f"  .. {tflite.name}: {verdict_line(fp16)}")
 
 
