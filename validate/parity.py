@@ -321,10 +321,10 @@ def run_parity(
     PyTorch with the manifest's tolerance and against the same file on the CPU within
     ``GPU_VS_CPU`` (docs/design.md, section 9).
     With ``arithmetic`` (a policy of export/arith.py, e.g. "fp16") the TFLite file is run op by
-    op in that arithmetic instead of by LiteRT, checked against PyTorch with the manifest's
-    tolerance (the model's fp16 one under an fp16 policy, for an fp32 file too) and against the same file in fp32 arithmetic with the fp16 floors
-    (``export.arith.min_psnr``); the first op that made an inf/NaN is reported
-    (docs/design.md, section 12).
+    op in that arithmetic instead of by LiteRT, checked against PyTorch (the manifest's
+    tolerance; under an fp16 policy the model's fp16 one, for an fp32 file too) and against
+    the same file in fp32 arithmetic with the fp16 floors (``export.arith.min_psnr``); the
+    first op that made an inf/NaN is reported (docs/design.md, section 12).
     """
     if accelerator not in ("cpu", "gpu"):
         raise UserError(f"unknown accelerator {accelerator!r}; choose cpu or gpu")
