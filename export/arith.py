@@ -411,14 +411,13 @@ def _gelu(ar: _Arith, ins, opts, shapes):
 
 
 def _softmax(ar: _Arith, ins, opts, shapes):
-    """exp(beta (x - max)) / sum: the sum over the last axis follows the policy's sums."""
+    """exp(beta (x - max)) / sum, in float32 and rounded once: TFLite's GPU softmax kernels
+    (delegates/gpu/common/tasks/softmax.cc) subtract the row maximum and sum in fp32
+    (docs/design.md, section 13)."""
     x = ins[0]
     beta = opts.beta if opts is not None else 1.0
     e = np.exp(beta * (x - x.max(axis=-1, keepdims=True)))
-    if ar.store is _F16:
-        e = _round16(e).astype(_F32)
-    total = ar.sum(e, (x.ndim - 1,), True).astype(_F32)
-    return [e / total]
+    return [e / np.sum(e, axis=-1, keepdims=True, dtype=np.float64).astype(_F32)]
 
 
 def _reshape(ar: _Arith, ins, opts, shapes):

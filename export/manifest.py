@@ -157,7 +157,29 @@ def read_manifest(tflite: str | Path) -> tuple[dict, Path]:
     _check_tolerance(path, manifest)
     if not tflite.stem.endswith("_flex"):
         _check_io(path, manifest, tflite)
+    _check_kind(path, manifest)
     return manifest, path.parent
+
+
+# What each model kind takes: its main input's name and channels.
+KIND_INPUT = {"nafnet": ("input", 4), "bokeh": ("photo", 3)}
+
+
+def _check_kind(path: Path, manifest: dict) -> None:
+    """The kind the manifest names takes what that kind takes (a photo, or photo + mask, and
+    the controls); otherwise a command would build the wrong PyTorch reference and fail deep
+    inside it."""
+    kind = manifest["model"]
+    main, channels = KIND_INPUT[kind]
+    try:
+        inputs = {t["name"]: list(t["shape"]) for t in manifest["inputs"]}
+    except (TypeError, KeyError):
+        raise UserError(f"{path}: malformed 'inputs' entries (name, shape expected)") from None
+    controls = set(manifest.get("controls") or {}) if kind == "bokeh" else set()
+    shape = inputs.get(main)
+    if shape is None or len(shape) != 4 or shape[-1] != channels or set(inputs) - {main} - controls:
+        raise UserError(f"{path}: says model {kind!r}, which takes {main} [1,H,W,{channels}], "
+                        f"but lists inputs {inputs}; it does not describe this file")
 
 
 def _check_tolerance(path: Path, manifest: dict) -> None:

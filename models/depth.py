@@ -73,17 +73,17 @@ class Family:
     config_type: type
     model_type: type
     random: Callable[[Any, int], nn.Module]
-    load: Callable[[Path, Any], nn.Module]  # strict, one-line CheckpointError on failure
+    load: Callable[[Mapping, Path, Any], nn.Module]  # (state, its file, config): strict,
+    # one-line CheckpointError on failure
     keras_scope: str  # the Keras model's name prefix, the scope of its ops in the fused graph
 
 
 FAMILIES = {f.key: f for f in (
-    Family("dpt", DPTConfig, DPT, random_dpt, lambda p, c: DPT.from_midas_checkpoint(p, c),
-           "dpt_"),
+    Family("dpt", DPTConfig, DPT, random_dpt, DPT.from_state_dict, "dpt_"),
     Family("midas-small", MidasSmallConfig, MidasSmall, random_midas_small,
-           lambda p, c: MidasSmall.from_checkpoint(p, c), "midas_small_"),
+           MidasSmall.from_state_dict, "midas_small_"),
     Family("depth-anything-v2", DepthAnythingConfig, DepthAnythingV2, random_depth_anything,
-           lambda p, c: DepthAnythingV2.from_checkpoint(p, c), "depth_anything_v2_"),
+           DepthAnythingV2.from_state_dict, "depth_anything_v2_"),
 )}
 DEPTH_SCOPES = tuple(f.keras_scope for f in FAMILIES.values())
 
@@ -167,6 +167,20 @@ def depth_input_size(name: str, height: int, width: int,
     return dpt_input_size(height, width, short, entry.multiple)
 
 
+def activation_bytes(name: str, height: int, width: int) -> int:
+    """A lower bound on the memory of one forward pass of ``name`` at a ``height x width``
+    input: its largest float32 tensor, twice (an op's input and output are alive at once).
+    That is the head's full-resolution map (features / 2 channels), or for the ViT nets one
+    block's attention matrix (tokens^2 per head), whichever is larger."""
+    config = depth_net(name).config
+    largest = height * width * config.features // 2
+    heads = getattr(config, "num_heads", 0)
+    if heads:
+        tokens = (height // config.patch_size) * (width // config.patch_size)
+        largest = max(largest, tokens * tokens * heads)
+    return 2 * 4 * largest
+
+
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -174,20 +188,22 @@ def param_count(model: nn.Module) -> int:
 # --- checkpoints ---------------------------------------------------------------------------------
 
 
-def _fits(entry: DepthNet, state: Mapping[str, torch.Tensor]) -> bool:
-    """Whether ``state`` has exactly the keys and shapes of ``entry``'s network."""
+def _distance(entry: DepthNet, state: Mapping[str, torch.Tensor]) -> int:
+    """How many keys of ``state`` are missing, extra or mis-shaped for ``entry``'s network
+    (0: it fits exactly)."""
     with torch.device("meta"):
         expected = FAMILIES[entry.family].model_type(entry.config).state_dict()
-    return set(expected) == set(state) and all(
-        tuple(state[k].shape) == tuple(v.shape) for k, v in expected.items())
+    return len(set(expected) ^ set(state)) + sum(
+        tuple(state[k].shape) != tuple(v.shape) for k, v in expected.items() if k in state)
 
 
 def identify_checkpoint(state: Mapping[str, torch.Tensor]) -> str | None:
     """The registered net a flat state dict is, from its keys (and shapes, to tell a test
     config from the official net); ``None`` when it is no depth net of the registry.
 
-    A file of a known architecture whose widths fit no entry is named as the official net of
-    that architecture (loading it then says which keys do not fit)."""
+    A file of a known architecture that fits no entry exactly is named as the entry of that
+    architecture it is closest to (fewest missing, extra and mis-shaped keys), so that loading
+    it names the few keys that are wrong, not the hundreds another size would miss."""
     if is_midas_small_state(state):
         family, official = "midas-small", "midas-small"
     elif is_depth_anything_state(state):
@@ -198,36 +214,50 @@ def identify_checkpoint(state: Mapping[str, torch.Tensor]) -> str | None:
         except CheckpointError:
             return None
         family, official = "dpt", f"dpt-{variant}"
-    # Only the small test configs are built (on the meta device) to compare shapes: a file of
-    # the architecture that fits none of them is named as the official net.
-    tests = [n for n in _NETS if n.family == family and n.test_only
-             and (family != "dpt" or n.config.variant == DEPTH_NETS[official].config.variant)]
-    return next((n.name for n in tests if _fits(n, state)), official)
+    variant_of = DEPTH_NETS[official].config
+    candidates = [n for n in _NETS if n.family == family and (
+        family != "dpt" or n.config.variant == variant_of.variant)]
+    # built on the meta device: no memory for the weights, a second for the largest net
+    return min(candidates, key=lambda n: (_distance(n, state), n.name != official)).name
+
+
+def load_depth(name: str | None, checkpoint: str | Path | None = None,
+               seed: int = 0) -> tuple[DepthNet, nn.Module]:
+    """The registered net and its PyTorch module in eval mode: ``checkpoint`` loaded strictly
+    (read from disk once), or deterministic random weights (``seed``) without one. ``name``
+    ``None``: the net the file is, else the default (DPT-Hybrid, the paper's). Forward: float32
+    ``[N,3,H,W]`` normalised with the net's mean and std -> ``[N,H,W]``, the official output.
+
+    A checkpoint of another registered net is refused with one ``CheckpointError`` line naming
+    the net it is; every other failure (a missing, extra, mis-shaped, non-float or non-finite
+    tensor) is the architecture's own one-line error naming the tensor.
+    """
+    if checkpoint is None:
+        entry = depth_net(name or DEFAULT_DEPTH)
+        return entry, FAMILIES[entry.family].random(entry.config, seed).eval()
+    path = Path(checkpoint)
+    named = depth_net(name) if name else None
+    expected = (f"a {named.title} file" + (f" such as {named.official_file}"
+                                           if named.official_file else "")) if named else \
+        "a depth net file such as " + ", ".join(n.official_file for n in _NETS
+                                                if not n.test_only)
+    state = read_checkpoint(path, expected)[1]
+    found = identify_checkpoint(state)
+    entry = named or depth_net(found or DEFAULT_DEPTH)
+    other = DEPTH_NETS.get(found)
+    # Another architecture, or exactly another size of this one: say which net the file is.
+    # A near miss of the net asked for is loaded as it, which names the keys that are wrong.
+    if other is not None and found != entry.name and (
+            other.family != entry.family or _distance(other, state) == 0):
+        raise CheckpointError(f"{path}: is a {other.title} checkpoint ({found}), not "
+                              f"{entry.name}; use --depth {found}")
+    return entry, FAMILIES[entry.family].load(state, path, entry.config).eval()
 
 
 def load_depth_model(name: str, checkpoint: str | Path | None = None,
                      seed: int = 0) -> nn.Module:
-    """The PyTorch net ``name`` in eval mode: ``checkpoint`` loaded strictly, or deterministic
-    random weights (``seed``) without one. Forward: float32 ``[N,3,H,W]`` normalised with the
-    net's mean and std -> ``[N,H,W]``, the official output.
-
-    A checkpoint of another registered net is refused with one ``CheckpointError`` line naming
-    the net it is; every other failure is the architecture's own one-line error.
-    """
-    entry = depth_net(name)
-    family = FAMILIES[entry.family]
-    if checkpoint is None:
-        return family.random(entry.config, seed).eval()
-    path = Path(checkpoint)
-    expected = f"a {entry.title} file" + (f" such as {entry.official_file}"
-                                          if entry.official_file else "")
-    state = read_checkpoint(path, expected)[1]
-    found = identify_checkpoint(state)
-    if found is not None and found != entry.name:
-        other = DEPTH_NETS[found]
-        raise CheckpointError(f"{path}: is a {other.title} checkpoint ({found}), not "
-                              f"{entry.name}; use --depth {found}")
-    return family.load(path, entry.config).eval()
+    """The PyTorch net ``name`` (see ``load_depth``)."""
+    return load_depth(name, checkpoint, seed)[1]
 
 
 def checkpoint_net(checkpoint: str | Path) -> str | None:
@@ -319,7 +349,9 @@ def model_from_record(record: Mapping) -> nn.Module:
     family = FAMILIES[depth_net(record["name"]).family]
     config = family.config_type(**{k: _tuples(v) for k, v in record["config"].items()})
     if record.get("checkpoint"):
-        return family.load(Path(record["checkpoint"]), config).eval()
+        path = Path(record["checkpoint"])
+        return family.load(read_checkpoint(path, f"a {record['name']} file")[1], path,
+                           config).eval()
     return family.random(config, record.get("random_seed") or 0).eval()
 
 

@@ -44,18 +44,21 @@ def assert_self_check(path, rng) -> None:
         assert err <= SELF_CHECK * span, f"{path.name} {name}: {err:.2e} of range {span:.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stem", ["nafnet_fp32", "nafnet_fp16", "bokeh_fp32", "bokeh_fp16",
                                   "bokeh_controls_fp32", "bokeh_controls_fp16"])
 def test_fp32_policy_matches_litert(fused_export, stem, rng):
     assert_self_check(fused_export[0] / f"{stem}.tflite", rng)
 
 
+@pytest.mark.slow
 def test_fp16_file_reads_fp16_weights_through_dequantize(fused_export):
     kinds = op_kinds(fused_export[0] / "bokeh_fp16.tflite")
     assert kinds["DEQUANTIZE"] > 10
     assert "DEQUANTIZE" not in op_kinds(fused_export[0] / "bokeh_fp32.tflite")
 
 
+@pytest.mark.slow
 def test_fp16_report_of_the_tiny_fused_model(fused_export, rng):
     path = fused_export[0] / "bokeh_fp16.tflite"
     report = arithmetic_report(path, _inputs(path, rng))
@@ -201,6 +204,7 @@ def test_an_unknown_op_kind_is_named(tmp_path):
         run_arithmetic(path, {"x": np.zeros((1, 8), np.float32)}, "fp16")
 
 
+@pytest.mark.slow
 # --- wiring: the export's verdict, bokeh inspect --fp16, parity --arithmetic, the bundle --------
 
 @pytest.mark.parametrize("stem", ["nafnet_fp32", "nafnet_fp16", "bokeh_fp32", "bokeh_fp16",
@@ -232,6 +236,7 @@ def test_inspect_fp16_names_the_first_inf_and_exits_1(tmp_path, capsys):
     assert "ops losing the most" in text
 
 
+@pytest.mark.slow
 def test_inspect_fp16_json_on_nafnet(fused_export, capsys):
     import json
 
@@ -244,6 +249,7 @@ def test_inspect_fp16_json_on_nafnet(fused_export, capsys):
     assert len(result["arithmetic"]["worst_ops"]) == 3
 
 
+@pytest.mark.slow
 def test_parity_in_fp16_arithmetic(fused_export, tmp_path, capsys):
     import json
 
@@ -261,15 +267,15 @@ def test_parity_in_fp16_arithmetic(fused_export, tmp_path, capsys):
     assert 40 <= against["inputs"][0]["psnr_db"] < 200
 
 
-def test_parity_arithmetic_flag_is_checked(fused_export, capsys):
+def test_parity_arithmetic_flag_is_checked(mean_model, capsys):
     from validate.cli import parity_main
 
     with pytest.raises(SystemExit) as exc:
-        parity_main(["--tflite", str(fused_export[0] / "nafnet_fp16.tflite"),
-                     "--arithmetic", "fp8"])
+        parity_main(["--tflite", str(mean_model), "--arithmetic", "fp8"])
     assert exc.value.code == 2
 
 
+@pytest.mark.slow
 def test_bundle_refuses_a_failing_fp16_verdict(fused_export, mean_model, tmp_path, capsys):
     """The bundle reads the verdict in the manifest; here a real failing one (the MEAN model's)
     stands in the manifest of the fused fp16 file, as the export writes it for DPT-Hybrid."""

@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from phone import assert_phone_ready
 from PIL import Image
 
 from common.images import letterbox
 from export.runner import run_tflite
-from export.tflite_info import inspect_tflite
 from models.pipeline import BokehPipeline, focus_guide
 from tools.render import main as render_main
 from validate.parity import run_parity
@@ -83,6 +83,7 @@ def _photo(seed: int = 7) -> np.ndarray:
         0, 2, 3, 1).copy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["fp32", "fp16"])
 def test_tflite_defaults_equal_plain_and_controls_clamp(fused_export, variant):
     out, _ = fused_export
@@ -101,6 +102,7 @@ def test_tflite_defaults_equal_plain_and_controls_clamp(fused_export, variant):
     assert np.abs(at[0.4, 0.6]["bokeh"] - plain["bokeh"]).max() > 1e-3  # the controls act
 
 
+@pytest.mark.slow
 def test_parity_at_control_pairs_and_against_the_plain_model(fused_export):
     out, _ = fused_export
     result = run_parity(out / "bokeh_controls_fp32.tflite", num_random=1,
@@ -152,16 +154,14 @@ def test_multi_input_stages_run_by_name(tmp_path):
     np.testing.assert_allclose(got["bokeh"], 0.35, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["fp32", "fp16"])
 def test_controls_tflite_facts_and_manifest(fused_export, variant):
     out, report = fused_export
-    info = inspect_tflite(out / f"bokeh_controls_{variant}.tflite")
-    assert info.flex_ops == [] and info.max_rank <= 4
+    info = assert_phone_ready(out / f"bokeh_controls_{variant}.tflite", report)
     assert [(t["name"], t["shape"]) for t in info.inputs] == [
         ("photo", [1, 64, 96, 3]), ("focus", [1, 1, 1, 1]), ("strength", [1, 1, 1, 1])]
     assert sorted(t["name"] for t in info.outputs) == ["bokeh", "mask"]
-    entry = report["variants"][f"bokeh_controls_{variant}.tflite"]
-    assert entry["gpu_compatible"] is True and entry["gpu_messages"] == info.gpu_messages[:5]
     manifest = json.loads((out / f"bokeh_controls_{variant}.manifest.json").read_text())
     assert manifest["model"] == "bokeh" and manifest["variant"] == variant
     assert manifest["controls"]["focus"]["default"] == 1.0
@@ -176,6 +176,7 @@ def test_controls_tflite_facts_and_manifest(fused_export, variant):
     assert "controls" not in plain and [t["name"] for t in plain["inputs"]] == ["photo"]
 
 
+@pytest.mark.slow
 def test_runtime_engine_and_ai_benchmark_with_a_controls_model(fused_export, tmp_path,
                                                                capsys):
     from tools.ai_benchmark import main as bundle_main
@@ -206,6 +207,7 @@ def _size(path) -> tuple[int, int]:
         return img.size
 
 
+@pytest.mark.slow
 def test_render_focus_at_compare_and_sweep(fused_export, photo_dir, tmp_path, capsys):
     from validate.renderers import TFLiteRenderer, focus_at
 
@@ -240,6 +242,7 @@ def test_render_focus_at_compare_and_sweep(fused_export, photo_dir, tmp_path, ca
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--focus-at", "451,10"], "--focus-at 451,10 is outside chelsea.png (451x300: X in 0..450, "
                                "Y in 0..299)"),
@@ -276,7 +279,7 @@ def test_render_refuses_bad_control_values(photo_dir, tmp_path, capsys, args, me
 def test_export_controls_needs_the_fused_model(tmp_path, capsys):
     from tools.cli import export_main
 
-    code = export_main(["--out", str(tmp_path / "o"), "--height", "64", "--width", "96",
+    code = export_main(["--export-dir", str(tmp_path / "o"), "--height", "64", "--width", "96",
                         "--controls", "--no-fuse"])
     assert code == 2
     assert "--controls needs the fused model" in capsys.readouterr().err

@@ -32,6 +32,7 @@ COMMANDS = {
     "inspect": ("tools.inspect:main", "what a .tflite holds and whether a phone GPU takes it"),
     "ai-benchmark": ("tools.ai_benchmark:main", "a checked bundle for the AI Benchmark app"),
     "train": ("train.trainer:main", "the paper's two training stages"),
+    "depth-cache": ("train.depth_cache:main", "the depth masks training reads, one PNG a photo"),
 }
 
 
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         return _entry(COMMANDS[verb][0])(rest, prog=f"bokeh {verb}")
     except SystemExit as stop:  # argparse: usage and one error line (2), or --help (0)
         return stop.code if isinstance(stop.code, int) else 1
+    except KeyboardInterrupt:  # while importing, before the command's own handler
+        print(f"bokeh {verb}: interrupted", file=sys.stderr)
+        return 130
 
 
 def build_export_parser(prog: str = "bokeh export") -> argparse.ArgumentParser:
@@ -146,6 +150,17 @@ def depth_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _old_depth_name(depth: str | None, dpt_variant: str | None) -> str | None:
+    """--depth, or its old spelling --dpt-variant (hybrid, large, tiny); both: they must agree."""
+    from models.depth import depth_net
+
+    old = depth_net(dpt_variant).name if dpt_variant else None
+    if depth and old and depth != old:
+        raise UserError(f"--depth {depth} and --dpt-variant {old} disagree "
+                        "(--dpt-variant is the old name of --depth); give one")
+    return depth or old
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
@@ -156,39 +171,30 @@ def export_main(argv: list[str] | None = None, prog: str = "bokeh export") -> in
 
     def body() -> int:
         from calibration.dataset import calibration_set
-        from export.pipeline import check_size, export
-        from export.quantize import QUANT_VARIANTS
+        from export.pipeline import ExportOptions, export
         from export.tflite_stage import FlexOpsRequired
 
-        check_size(args.height, args.width)
-        quant = () if args.no_fuse else _names(args.quant_variants)
-        unknown = sorted(set(quant) - set(QUANT_VARIANTS))
-        if unknown:
-            raise UserError(f"unknown quantized variant {unknown[0]!r}; expected some of "
-                            f"{', '.join(QUANT_VARIANTS)}")
+        options = ExportOptions(
+            out_dir=args.export_dir, height=args.height, width=args.width,
+            checkpoint=args.checkpoint, depth=_old_depth_name(args.depth, args.dpt_variant),
+            depth_weights=args.depth_weights, depth_short_side=args.depth_short_side,
+            fuse=not args.no_fuse, controls=args.controls, variants=_names(args.variants),
+            quant_variants=() if args.no_fuse else _names(args.quant_variants),
+            opset=args.opset, allow_flex=args.allow_flex, seed=args.seed,
+            overwrite=args.overwrite, gpu_check=not args.no_gpu_check)
         calibration = None
-        if args.controls and args.no_fuse:
-            raise UserError("--controls needs the fused model (the depth mask is computed in "
-                            "the graph); drop --no-fuse")
-        if quant:  # before the long stages, so a bad folder fails at once
+        if options.quant_variants:  # before the long stages, so a bad folder fails at once
             calibration = calibration_set(args.height, args.width, args.calib_samples,
                                           args.calib_dir)
         try:
-            export(
-                out_dir=args.export_dir, height=args.height, width=args.width,
-                checkpoint=args.checkpoint, depth=args.depth, depth_weights=args.depth_weights,
-                dpt_variant=args.dpt_variant, depth_short_side=args.depth_short_side,
-                fuse=not args.no_fuse, controls=args.controls,
-                variants=_names(args.variants), quant_variants=quant,
-                calibration=calibration, opset=args.opset, allow_flex=args.allow_flex,
-                seed=args.seed, overwrite=args.overwrite, gpu_check=not args.no_gpu_check,
-            )
+            export(options, calibration)
         except FlexOpsRequired as exc:
             print(f"{prog}: error: {exc}. Re-run with --allow-flex to keep it.",
                   file=sys.stderr)
             return 1
         model = "nafnet" if args.no_fuse else "bokeh"
-        print(f"Next: bokeh parity --tflite {args.export_dir}/{model}_fp32.tflite")
+        print(f"Next: bokeh parity --export-dir {args.export_dir}   (every file)\n"
+              f"      bokeh parity --tflite {args.export_dir}/{model}_fp32.tflite")
         if args.controls:
             print(f"      bokeh parity --tflite {args.export_dir}/bokeh_controls_fp32.tflite")
         return 0

@@ -23,11 +23,11 @@ import torch
 
 from common.errors import UserError
 from common.images import fit_to_size, list_images, load_rgb
+from common.limits import check_memory
 from common.metrics import psnr
 from export.manifest import TOLERANCE, control_inputs, read_manifest
 from export.runner import TFLiteRunner
-from models.nafnet import load_nafnet, random_nafnet
-from models.pipeline import BokehPipeline
+from models.reference import Reference, reference_key
 
 # (focus, strength) pairs a controls model is checked at: the defaults (the plain model's
 # output), far focus, and two in-between settings.
@@ -47,77 +47,16 @@ class ParityInput:
     controls: dict[str, float] | None = None  # focus, strength of a controls model
 
 
+# Floats per pixel kept for one parity input: the photo (3), NAFNet's input and output (4 + 3),
+# the bokeh and the mask (3 + 1), and the file's own outputs (4): a lower bound.
+REFERENCE_FLOATS = 18
+
+
 def with_controls(inputs: list[ParityInput], pairs) -> list[ParityInput]:
     """Each input at each (focus, strength) pair, labelled ``NAME f=F s=S``."""
     return [ParityInput(f"{i.label} f={f:g} s={s:g}", i.value,
                         {"focus": float(f), "strength": float(s)})
             for i in inputs for f, s in pairs]
-
-
-def control_arrays(controls: dict[str, float]) -> dict[str, np.ndarray]:
-    """Control values as the model's ``[1,1,1,1]`` float32 inputs."""
-    return {k: np.full((1, 1, 1, 1), v, np.float32) for k, v in controls.items()}
-
-
-def reference_model(manifest: dict, checkpoint: str | Path | None = None) -> torch.nn.Module:
-    """The PyTorch NAFNet the export came from: --checkpoint, else the manifest's weights."""
-    weights = manifest.get("weights", {})
-    path = checkpoint or weights.get("checkpoint")
-    if path:
-        return load_nafnet(path, manifest.get("nafnet_config"))
-    return random_nafnet(manifest["nafnet_config"], weights.get("random_seed") or 0)
-
-
-def reference_pipeline(manifest: dict, checkpoint: str | Path | None = None) -> BokehPipeline:
-    """The PyTorch reference of a fused export: the depth net its manifest names (an old
-    export's ``dpt`` record too), its NAFNet, the depth net's input size and normalisation."""
-    from models.depth import depth_record_of, model_from_record
-
-    depth = depth_record_of(manifest)
-    return BokehPipeline(model_from_record(depth), reference_model(manifest, checkpoint),
-                         tuple(depth["input_size"]), tuple(depth["mean"]),
-                         tuple(depth["std"])).eval()
-
-
-class Reference:
-    """PyTorch outputs, NHWC, for both roles a stage can play: NAFNet alone or the fused model."""
-
-    def __init__(self, manifest: dict, checkpoint: str | Path | None = None):
-        self.kind = manifest["model"]
-        self._mask: tuple[np.ndarray, torch.Tensor] | None = None  # last photo and its mask
-        if self.kind == "nafnet":
-            self.nafnet = reference_model(manifest, checkpoint)
-        elif self.kind == "bokeh":
-            self.pipeline = reference_pipeline(manifest, checkpoint)
-            self.nafnet = self.pipeline.nafnet
-        else:
-            raise UserError(f"no PyTorch reference for model kind {self.kind!r}")
-
-    @torch.no_grad()
-    def run(self, x: np.ndarray,
-            controls: dict[str, float] | None = None) -> dict[str, dict[str, np.ndarray]]:
-        """Per role, the stage input and the expected named outputs for one parity input;
-        with ``controls`` (focus, strength) the fused model's input is a dict of named arrays
-        and NAFNet's input carries the focus-remapped mask."""
-        t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-        if self.kind == "nafnet":
-            return {"nafnet": {"input": x, "output": _nhwc(self.nafnet(t))}}
-        if self._mask is None or self._mask[0] is not x:  # one depth pass per photo
-            self._mask = (x, self.pipeline.depth_mask(t))
-        mask = self._mask[1]
-        controls = controls or {}
-        nafnet_in = self.pipeline.nafnet_input(t, mask, controls.get("focus"))
-        nafnet_out = self.nafnet(nafnet_in)
-        bokeh = self.pipeline.finish(t, nafnet_out, controls.get("strength"))
-        return {
-            "nafnet": {"input": _nhwc(nafnet_in), "output": _nhwc(nafnet_out)},
-            "bokeh": {"input": {"photo": x, **control_arrays(controls)} if controls else x,
-                      "bokeh": _nhwc(bokeh), "mask": _nhwc(mask)},
-        }
-
-
-def _nhwc(t: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.numpy().transpose(0, 2, 3, 1))
 
 
 def _named(x: np.ndarray | dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
@@ -235,6 +174,13 @@ def parity_inputs(manifest: dict, images: str | Path | None, num_random: int = 2
 
 
 def compare(reference: np.ndarray, output: np.ndarray) -> dict:
+    """Max and mean absolute difference and PSNR; an output with NaN or inf is an error row
+    (no PSNR is reported for it)."""
+    for what, array in (("output", output), ("PyTorch reference", reference)):
+        bad = int(array.size - np.isfinite(array).sum())
+        if bad:
+            return {"error": f"{bad} non-finite values (NaN or inf) of {array.size} in the "
+                             f"{what}"}
     diff = np.abs(reference.astype(np.float64) - output.astype(np.float64))
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
             "psnr_db": round(psnr(reference, output), 2)}
@@ -311,6 +257,7 @@ def run_parity(
     control_pairs=CONTROL_PAIRS,
     accelerator: str = "cpu",
     arithmetic: str | None = None,
+    reference: Reference | None = None,
 ) -> dict:
     """Diff every stage present against PyTorch; the result says per stage whether it passed.
 
@@ -325,6 +272,8 @@ def run_parity(
     tolerance; under an fp16 policy the model's fp16 one, for an fp32 file too) and against
     the same file in fp32 arithmetic with the fp16 floors (``export.arith.min_psnr``); the
     first op that made an inf/NaN is reported (docs/design.md, section 12).
+    ``reference``: a PyTorch reference already built for this manifest (``check_export``
+    shares one between files).
     """
     if accelerator not in ("cpu", "gpu"):
         raise UserError(f"unknown accelerator {accelerator!r}; choose cpu or gpu")
@@ -338,7 +287,20 @@ def run_parity(
             raise UserError("--arithmetic runs the file in numpy; it takes no --accelerator")
     tflite = Path(tflite)
     manifest, folder = read_manifest(tflite)
-    reference = Reference(manifest, checkpoint)
+    if accelerator == "gpu":
+        from export.tflite_info import flex_ops
+
+        flex = flex_ops(tflite)
+        if flex:
+            raise UserError(f"{tflite}: needs Flex ops ({', '.join(flex)}), which no GPU "
+                            "backend runs; --accelerator gpu refuses it (parity on the CPU "
+                            "still checks it)")
+    reference = reference or Reference(manifest, checkpoint)
+    if images is None:  # every input's PyTorch outputs are kept until every stage is compared
+        _, height, width, _ = manifest["inputs"][0]["shape"]
+        runs = num_random * max(1, len(control_pairs) if control_inputs(manifest) else 1)
+        check_memory(f"--num-random {num_random} at {height}x{width}",
+                     runs * height * width * 4 * REFERENCE_FLOATS, "choose a smaller --num-random")
     inputs = parity_inputs(manifest, images, num_random, echo=echo)
     defaults = control_inputs(manifest)
     if defaults:
@@ -435,6 +397,42 @@ def _arithmetic_checks(final: dict, run, inputs, expected, kind: str) -> dict:
     return {"policy": final["policy"], "stage": stage,
             "first_nonfinite": firsts[0] if firsts else None,
             "inputs_with_nonfinite": [f["input"] for f in firsts]}
+
+
+def export_files(folder: str | Path) -> list[Path]:
+    """The .tflite files an export's report.json lists as written (not the variants it
+    recorded as unsupported), fp32 files first."""
+    from common.files import read_json
+
+    folder = Path(folder)
+    report_path = folder / "report.json"
+    if not report_path.is_file():
+        raise UserError(f"{folder}: no report.json (not a folder written by bokeh export)")
+    report = read_json(report_path)
+    names = [name for name, entry in report.get("variants", {}).items()
+             if "unsupported" not in entry and (folder / name).is_file()]
+    if not names:
+        raise UserError(f"{report_path}: lists no .tflite file that is present")
+    return sorted((folder / n for n in names), key=lambda p: (not p.stem.endswith("_fp32"), p.name))
+
+
+def check_export(folder: str | Path, images: str | Path | None = None, num_random: int = 1,
+                 echo: Callable[[str], None] = print) -> list[dict]:
+    """Parity of every file of an export, each with its manifest's tolerance, in one process:
+    one PyTorch reference per (weights, depth net); every stage for the fp32 files, the file
+    alone (and against its fp32 sibling) for the others."""
+    references: dict[str, Reference] = {}
+    results = []
+    for tflite in export_files(folder):
+        manifest, _ = read_manifest(tflite)
+        key = reference_key(manifest)
+        if key not in references:
+            references[key] = Reference(manifest)
+        echo(f"Parity of {tflite} against PyTorch:")
+        results.append(run_parity(tflite, images=images, num_random=num_random, echo=echo,
+                                  tflite_only=manifest.get("variant") != "fp32",
+                                  reference=references[key]))
+    return results
 
 
 def _summary(stage: dict) -> str:

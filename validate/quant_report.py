@@ -47,7 +47,7 @@ def run_outputs(path: Path, photo: np.ndarray) -> dict[str, np.ndarray]:
 
 def held_out_set(export_dir: Path, manifest: dict) -> list[HeldOut]:
     from calibration.dataset import held_out_images
-    from validate.parity import Reference
+    from models.reference import Reference
 
     reference = Reference(manifest)
     fp32 = export_dir / "bokeh_fp32.tflite"
@@ -198,7 +198,7 @@ def measure(export_dir: Path, threads: int = 2, runs: int = 5, worst: int = 40,
 
 def markdown(result: dict, command: str) -> str:
     """The docs/benchmarks.md section: the table, then the int8 per-layer story."""
-    from validate.bench import cpu_name
+    from validate.doc import cpu_name
 
     m = result["manifest"]
     dpt = depth_record_of(m)
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None, prog: str = "bokeh quant-report") -> int
     p.add_argument("--no-selective", action="store_true", help="skip the int8 layer analysis")
     p.add_argument("--doc", default="docs/benchmarks.md", help="markdown file to update")
     args = p.parse_args(argv)
-    from validate.bench import publish_section
+    from validate.doc import publish_section
 
     export_dir = Path(args.export_dir)
 
