@@ -47,6 +47,7 @@ DESCRIPTIONS = {
                           "photo; 1 = the paper's model, 0 = the photo; clamped to [0, 1] in "
                           "the graph"},
 }
+FLOAT_VARIANTS = ("fp32", "fp16")  # what the fp16-arithmetic verdict evaluates
 REQUIRED = ("model", "variant", "inputs", "outputs", "stages", "tolerance")
 
 
@@ -79,14 +80,28 @@ def gpu_execution(tflite: Path, check: bool) -> dict:
     return gpu_execution_verdict(tflite)
 
 
+def fp16_arithmetic(tflite: Path, variant: str, base: dict) -> dict:
+    """The fp16-arithmetic verdict of a float file (export/arith.py: what a phone GPU computing
+    in fp16 makes of it, on one seeded random input; controls at their defaults); quantized
+    files are not evaluated."""
+    if variant not in FLOAT_VARIANTS:
+        return {"policy": "fp16", "passed": None,
+                "not_evaluated": f"{variant} is a quantized file (float files only)"}
+    from export.arith import fp16_verdict
+
+    defaults = {name: float(c["default"]) for name, c in (base.get("controls") or {}).items()}
+    return fp16_verdict(tflite, defaults)
+
+
 def write_manifest(tflite: Path, variant: str, base: dict, extra: dict | None = None,
                    gpu_check: bool = False) -> dict:
     """Write ``tflite``'s manifest (``base`` plus what the file itself says); return the
     report.json summary of the file. ``gpu_check`` runs it on the GPU accelerator when a GPU
-    device is found."""
+    device is found; a float file also gets its fp16-arithmetic verdict."""
     descriptions = DESCRIPTIONS[base["model"]]
     info = inspect_tflite(tflite)
-    summary = {**variant_summary(info), "gpu_execution": gpu_execution(tflite, gpu_check)}
+    summary = {**variant_summary(info), "gpu_execution": gpu_execution(tflite, gpu_check),
+               "fp16_arithmetic": fp16_arithmetic(tflite, variant, base)}
     manifest = {
         **base, "variant": variant, "tflite": tflite.name,
         "inputs": [_io_entry(t, descriptions.get(t["name"], ""), base.get("controls"))
@@ -95,7 +110,8 @@ def write_manifest(tflite: Path, variant: str, base: dict, extra: dict | None = 
         "tolerance": TOLERANCE[base["model"]][variant],
         "flex_ops": info.flex_ops, "max_rank": info.max_rank,
         "gpu_compatible": summary["gpu_compatible"], "gpu_reasons": summary["gpu_messages"],
-        "gpu_execution": summary["gpu_execution"], **(extra or {}),
+        "gpu_execution": summary["gpu_execution"],
+        "fp16_arithmetic": summary["fp16_arithmetic"], **(extra or {}),
     }
     write_json(manifest_path(tflite), manifest)
     return summary

@@ -20,6 +20,7 @@ from common.limits import check_memory
 from common.ownership import folder_lock
 from common.quiet import quiet_tensorflow
 from export import folder, onnx_stages, tf_stages, tflite_stage
+from export.arith import verdict_line
 from export.manifest import MANIFEST_FORMAT, write_manifest
 from export.quantize import QUANT_VARIANTS, write_quant_variants
 from export.report import StageLog, banner, summary_text, write_report
@@ -178,8 +179,16 @@ class ExportRun:
                 tflite = exc.flex_path
             if self.options.gpu_check:
                 self.log.echo(f"  .. {tflite.name}: running it on the GPU accelerator")
-            self.report["variants"][tflite.name] = write_manifest(
-                tflite, variant, manifest_base, gpu_check=self.options.gpu_check)
+            summary = write_manifest(tflite, variant, manifest_base,
+                                     gpu_check=self.options.gpu_check)
+            self.report["variants"][tflite.name] = summary
+            fp16 = summary["fp16_arithmetic"]
+            if fp16["passed"] is False:  # a verdict like the GPU one: recorded, said loudly
+                self.log.echo(banner(f"{tflite.name}: {verdict_line(fp16)}: a phone GPU "
+                                     "computing in fp16 will not reproduce this model "
+                                     "(docs/design.md, section 12)"))
+            else:
+                self.log.echo(f"  .. {tflite.name}: {verdict_line(fp16)}")
 
     def write_fused(self, prefix: str, fused, nafnet_stages: list[dict], base: dict,
                     note: str) -> tuple[Path, dict, dict]:

@@ -267,3 +267,23 @@ def test_full_size_builtin_rank4_gpu_ready_and_small(full_exports, name):
         manifest = json.loads((out / f"bokeh_{variant}.manifest.json").read_text())
         assert manifest["gpu_compatible"] is True
     assert (out / "bokeh_fp16.tflite").stat().st_size < 60e6
+
+
+@pytest.mark.slow
+def test_fp32_arithmetic_matches_litert_and_the_fp16_verdict_is_recorded(fused):
+    """The evaluator's fp32 self-check (export/arith.py) on both float files of each net, and
+    the export's fp16 verdict in their manifests: its content, not a pass (random weights; the
+    graphs without fp16 rewrites fail)."""
+    from test_arith import assert_self_check
+
+    name, out, report = fused
+    rng = np.random.default_rng(0)
+    for variant in ("fp32", "fp16"):
+        assert_self_check(out / f"bokeh_{variant}.tflite", rng)
+        manifest, _ = read_manifest(out / f"bokeh_{variant}.tflite")
+        verdict = manifest["fp16_arithmetic"]
+        assert set(verdict["outputs"]) == {"bokeh", "mask"} and verdict["passed"] in (True, False)
+        if verdict["passed"] is False:
+            assert verdict["first_nonfinite"] or any(
+                not o["passed"] for o in verdict["outputs"].values())
+        assert report["variants"][f"bokeh_{variant}.tflite"]["fp16_arithmetic"] == verdict
