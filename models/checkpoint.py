@@ -87,6 +87,15 @@ def check_values(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch
                                   "output")
 
 
+def load_on_meta(model_type: type, config, state: Mapping[str, torch.Tensor], path: Path,
+                 described: str) -> torch.nn.Module:
+    """``model_type(config)`` built on the meta device (no memory and no random init, which
+    matters for 344M parameters), then ``state`` loaded into it strictly (``load_strict``)."""
+    with torch.device("meta"):
+        model = model_type(config)
+    return load_strict(model, state, path, described)
+
+
 def load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: Path,
                 what: str) -> torch.nn.Module:
     """Load ``state`` into ``model`` (built on the meta device: its weights are assigned) with

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import CheckpointError
-from models.checkpoint import load_strict, read_checkpoint
+from models.checkpoint import load_on_meta, read_checkpoint
 from models.dpt import Attention, FeatureFusionBlock, Mlp, PatchEmbed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -282,12 +282,10 @@ class DepthAnythingV2(nn.Module):
                 f"keys {sorted(state)[:5]}"
             )
         config = config or SMALL_CONFIG
-        with torch.device("meta"):  # shapes only: no memory, no random init
-            model = cls(config)
         width = state[SIGNATURE_KEYS[0]].shape[0]
         encoder = ENCODER_BY_WIDTH.get(width, f"embed {width}")
-        return load_strict(model, state, path,
-                           f"{config} (the file is a Depth Anything V2 {encoder} checkpoint)")
+        return load_on_meta(cls, config, state, path,
+                            f"{config} (the file is a Depth Anything V2 {encoder} checkpoint)")
 
 
 def is_depth_anything_state(state: Mapping[str, object]) -> bool:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import CheckpointError
-from models.checkpoint import load_strict, read_checkpoint
+from models.checkpoint import load_on_meta, read_checkpoint
 
 HYBRID_STEM_KEY = "pretrained.model.patch_embed.backbone.stem.conv.weight"
 LARGE_PATCH_KEY = "pretrained.model.patch_embed.proj.weight"
@@ -526,9 +526,7 @@ class DPT(nn.Module):
                 f"{path}: is a DPT-{variant.title()} checkpoint but a DPT-{config.variant.title()} "
                 f"config was given"
             )
-        with torch.device("meta"):  # no memory and no random init for 344M parameters
-            model = cls(config)
-        return load_strict(model, state, path, f"MiDaS DPT-{variant.title()} ({config})")
+        return load_on_meta(cls, config, state, path, f"MiDaS DPT-{variant.title()} ({config})")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

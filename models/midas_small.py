@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import CheckpointError
-from models.checkpoint import load_strict, read_checkpoint
+from models.checkpoint import load_on_meta, read_checkpoint
 from models.dpt import ResidualConvUnit, make_head, pad_same, refine
 
 # EfficientNet-Lite before width/depth scaling, one row per stage:
@@ -334,9 +334,7 @@ class MidasSmall(nn.Module):
                 f"{sorted(state)[:5]}"
             )
         config = config or OFFICIAL_CONFIG
-        with torch.device("meta"):
-            model = cls(config)
-        return load_strict(model, state, path, f"MiDaS v2.1 Small ({config})")
+        return load_on_meta(cls, config, state, path, f"MiDaS v2.1 Small ({config})")
 
 
 def is_midas_small_state(state: Mapping[str, object]) -> bool:
