@@ -411,14 +411,13 @@ def _gelu(ar: _Arith, ins, opts, shapes):
 
 
 def _softmax(ar: _Arith, ins, opts, shapes):
-    """exp(beta (x - max)) / sum: the sum over the last axis follows the policy's sums."""
+    """exp(beta (x - max)) / sum, in float32 and rounded once: TFLite's GPU softmax kernels
+    (delegates/gpu/common/tasks/softmax.cc) subtract the row maximum and sum in fp32
+    (docs/design.md, section 13)."""
     x = ins[0]
     beta = opts.beta if opts is not None else 1.0
     e = np.exp(beta * (x - x.max(axis=-1, keepdims=True)))
-    if ar.store is _F16:
-        e = _round16(e).astype(_F32)
-    total = ar.sum(e, (x.ndim - 1,), True).astype(_F32)
-    return [e / total]
+    return [e / np.sum(e, axis=-1, keepdims=True, dtype=np.float64).astype(_F32)]
 
 
 def _reshape(ar: _Arith, ins, opts, shapes):
@@ -481,26 +480,29 @@ def _mirror_pad(ar: _Arith, ins, opts, shapes):
 
 
 def _resize_bilinear(ar: _Arith, ins, opts, shapes):
-    """TFLite's ResizeBilinear (reference_ops): align_corners scales by (in-1)/(out-1),
-    half_pixel_centers samples at (o + 0.5) * scale - 0.5; the lower index is clamped at 0 and
-    the upper at in - 1, the weights taken from the unclamped position."""
+    """RESIZE_BILINEAR as XNNPACK computes it (bit for bit in LiteRT's CPU run, measured): the
+    source position ``o * scale + offset`` in float32 (scale (in-1)/(out-1) with align_corners,
+    else in/out; offset 0.5 scale - 0.5 with half_pixel_centers, else 0), the lower index
+    clamped at 0 and the upper at in - 1, and a lerp along columns, then rows."""
     x = ins[0]
     oh, ow = shapes[0][1:3]
 
     def axis(n_in: int, n_out: int):
-        scale = ((n_in - 1) / (n_out - 1) if opts.alignCorners and n_out > 1
-                 else n_in / n_out)
-        o = np.arange(n_out, dtype=np.float64)
-        pos = (o + 0.5) * scale - 0.5 if opts.halfPixelCenters else o * scale
-        pos = pos.astype(_F32)
+        scale = (_F32(n_in - 1) / _F32(n_out - 1) if opts.alignCorners and n_out > 1
+                 else _F32(n_in) / _F32(n_out))
+        offset = _F32(0.5) * scale - _F32(0.5) if opts.halfPixelCenters else _F32(0)
+        pos = np.arange(n_out, dtype=_F32) * scale + offset
         lo = np.maximum(np.floor(pos).astype(np.int64), 0)
         hi = np.minimum(np.ceil(pos).astype(np.int64), n_in - 1)
         return lo, hi, (pos - lo).astype(_F32)
 
     y0, y1, dy = axis(x.shape[1], oh)
     x0, x1, dx = axis(x.shape[2], ow)
-    top = x[:, y0] * (1 - dy)[None, :, None, None] + x[:, y1] * dy[None, :, None, None]
-    return [top[:, :, x0] * (1 - dx)[None, None, :, None] + top[:, :, x1] * dx[None, None, :, None]]
+    # interpolated as XNNPACK does (a + (b - a) * t, columns then rows): LiteRT's CPU run
+    left, right = x[:, :, x0], x[:, :, x1]
+    cols = left + (right - left) * dx[None, None, :, None]
+    top, bottom = cols[:, y0], cols[:, y1]
+    return [top + (bottom - top) * dy[None, :, None, None]]
 
 
 def _resize_nearest(ar: _Arith, ins, opts, shapes):
@@ -749,12 +751,12 @@ def _check_supported(graph: _Graph, path: Path) -> None:
 def _psnr(out: np.ndarray, ref: np.ndarray) -> float:
     """PSNR in dB of ``out`` against ``ref`` with the reference's peak-to-peak range as the peak
     (its largest magnitude for a constant tensor); -inf when ``out`` is not finite."""
-    ref = ref.astype(np.float64)
-    diff = out.astype(np.float64) - ref
-    if not np.all(np.isfinite(diff)):
+    ref = np.asarray(ref, _F32).ravel()
+    diff = np.asarray(out, _F32).ravel() - ref
+    mse = float(np.dot(diff, diff)) / max(diff.size, 1)
+    if not math.isfinite(mse):
         return -math.inf
     peak = float(ref.max() - ref.min()) or float(np.abs(ref).max()) or 1.0
-    mse = float(np.mean(diff * diff))
     return 200.0 if mse == 0 else min(200.0, 10 * math.log10(peak * peak / mse))
 
 
@@ -789,11 +791,13 @@ def run_arithmetic(tflite: str | Path, inputs: dict[str, np.ndarray], policy: st
             last_use[int(i)] = k
     keep = set(graph.outputs)
     psnr_of: dict[int, float] = {}
+    # ranges of the activations (constants: None), kept from when each was written
+    range_of = {i: _range(runs[0].values[i]) for i in graph.inputs}
     records = []
     start = time.perf_counter()
     for k, op in enumerate(graph.operators):
         kind = graph.kinds[k]
-        in_ranges = [_range(runs[0].get(int(i))) if i >= 0 else None for i in op.inputs]
+        in_ranges = [range_of.get(int(i)) for i in op.inputs]
         try:
             outs = [run.run_op(k) for run in runs]
         except UserError:
@@ -805,7 +809,9 @@ def run_arithmetic(tflite: str | Path, inputs: dict[str, np.ndarray], policy: st
         main = outs[0]
         float_outs = [v for v in main if np.issubdtype(v.dtype, np.floating)]
         nonfinite = int(sum(np.count_nonzero(~np.isfinite(v)) for v in float_outs))
-        ranges = [r for r in (_range(v) for v in float_outs) if r is not None]
+        for o, v in zip(op.outputs, main, strict=True):
+            range_of[int(o)] = _range(v)
+        ranges = [r for r in (range_of[int(o)] for o in op.outputs) if r is not None]
         record = OpRecord(k, _name(graph.tensors[op.outputs[0]]), kind, in_ranges,
                           [min(r[0] for r in ranges), max(r[1] for r in ranges)] if ranges
                           else [0.0, 0.0], nonfinite)
@@ -845,7 +851,8 @@ def op_kinds(tflite: str | Path) -> dict[str, int]:
 
 # --- the verdict --------------------------------------------------------------------------------
 
-def _min_psnr(output: str) -> float:
+def min_psnr(output: str) -> float:
+    """The PSNR floor (dB) of ``output`` under fp16 against fp32 (issue 19's targets)."""
     return FP16_MIN_PSNR.get(output, FP16_DEFAULT_MIN_PSNR)
 
 
@@ -875,15 +882,15 @@ def arithmetic_report(tflite: str | Path, inputs: dict[str, np.ndarray], policy:
     for name, value in run.outputs.items():
         bad = int(np.count_nonzero(~np.isfinite(value)))
         db = None if bad else round(psnr(run.reference_outputs[name], value), 2)
-        outputs[name] = {"nonfinite": bad, "psnr_db": db, "min_psnr_db": _min_psnr(name),
-                         "passed": bad == 0 and db is not None and db >= _min_psnr(name)}
+        outputs[name] = {"nonfinite": bad, "psnr_db": db, "min_psnr_db": min_psnr(name),
+                         "passed": bad == 0 and db is not None and db >= min_psnr(name)}
     first = run.first_nonfinite()
     ranked = sorted((op for op in run.ops if op.db_lost is not None), key=lambda op: -op.db_lost)
     passed = first is None and all(o["passed"] for o in outputs.values())
     return {
         "policy": policy, "against": "the same file in fp32 arithmetic (export/arith.py)",
         "passed": passed, "outputs": outputs,
-        "threshold": {"nonfinite_values": 0, "min_psnr_db": {n: _min_psnr(n) for n in outputs}},
+        "threshold": {"nonfinite_values": 0, "min_psnr_db": {n: min_psnr(n) for n in outputs}},
         "nonfinite_ops": sum(1 for op in run.ops if op.nonfinite),
         "first_nonfinite": _op_entry(first) if first else None,
         "worst_ops": [_op_entry(op) for op in ranked[:worst]],
@@ -898,6 +905,8 @@ def _fmt_range(r: list[float] | None) -> str:
 def verdict_line(report: dict) -> str:
     """One line: PASS, or FAIL naming the first op that made an inf/NaN or the weakest output."""
     head = f"{report['policy']} arithmetic: "
+    if report["passed"] is None:
+        return head + (report.get("error") or "not evaluated: " + report["not_evaluated"])
     if report["passed"]:
         return head + "PASS (" + ", ".join(
             f"{n} {o['psnr_db']:.1f} dB" for n, o in report["outputs"].items()) + " vs fp32)"
@@ -932,3 +941,46 @@ def format_arithmetic_report(report: dict) -> str:
                          f"{_fmt_range(op['output_range']):<24} {op['name']}")
     lines.append(f"  ({report['ops']} ops in {report['seconds']:.1f} s)")
     return "\n".join(lines)
+
+
+# --- the export's verdict -----------------------------------------------------------------------
+
+def random_inputs(tflite: str | Path, seed: int = 0,
+                  fixed: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+    """One seeded input per model input, by name: smooth random images in [0, 1] (low-resolution
+    noise upsampled, plus a little pixel noise, so a depth net sees structure), and the inputs
+    named in ``fixed`` (the controls) filled with their value."""
+    from export.runner import make_interpreter
+
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for d in make_interpreter(tflite, allocate=False).get_input_details():
+        shape = tuple(int(s) for s in d["shape"])
+        if fixed and d["name"] in fixed:
+            feeds[d["name"]] = np.full(shape, fixed[d["name"]], _F32)
+        elif len(shape) == 4 and min(shape[1:3]) > 1:
+            coarse = rng.random((8, 12, shape[3]))
+            ry, rx = (_linear_upsampling(n, size) for n, size in ((8, shape[1]), (12, shape[2])))
+            smooth = np.einsum("hy,yxc,wx->hwc", ry, coarse, rx)[None]
+            feeds[d["name"]] = (0.8 * smooth + 0.2 * rng.random(shape)).astype(_F32)
+        else:
+            feeds[d["name"]] = rng.random(shape).astype(_F32)
+    return feeds
+
+
+def _linear_upsampling(n: int, size: int) -> np.ndarray:
+    """The ``[size, n]`` matrix of linear interpolation from n samples to size (corners kept)."""
+    return np.stack([np.interp(np.linspace(0, n - 1, size), np.arange(n), e)
+                     for e in np.eye(n)], axis=1)
+
+
+def fp16_verdict(tflite: str | Path, fixed: dict[str, float] | None = None,
+                 seed: int = 0) -> dict:
+    """The fp16-arithmetic verdict the export writes into a float file's manifest and
+    report.json: ``arithmetic_report`` under fp16 on one seeded random input (the worst three
+    ops kept), or ``{"passed": None, "error": ...}`` when the file cannot be evaluated."""
+    try:
+        report = arithmetic_report(tflite, random_inputs(tflite, seed, fixed), "fp16", worst=3)
+    except UserError as exc:
+        return {"policy": "fp16", "passed": None, "error": str(exc)}
+    return {**report, "input": f"one seeded random input (seed {seed})"}

@@ -44,18 +44,21 @@ def assert_self_check(path, rng) -> None:
         assert err <= SELF_CHECK * span, f"{path.name} {name}: {err:.2e} of range {span:.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stem", ["nafnet_fp32", "nafnet_fp16", "bokeh_fp32", "bokeh_fp16",
                                   "bokeh_controls_fp32", "bokeh_controls_fp16"])
 def test_fp32_policy_matches_litert(fused_export, stem, rng):
     assert_self_check(fused_export[0] / f"{stem}.tflite", rng)
 
 
+@pytest.mark.slow
 def test_fp16_file_reads_fp16_weights_through_dequantize(fused_export):
     kinds = op_kinds(fused_export[0] / "bokeh_fp16.tflite")
     assert kinds["DEQUANTIZE"] > 10
     assert "DEQUANTIZE" not in op_kinds(fused_export[0] / "bokeh_fp32.tflite")
 
 
+@pytest.mark.slow
 def test_fp16_report_of_the_tiny_fused_model(fused_export, rng):
     path = fused_export[0] / "bokeh_fp16.tflite"
     report = arithmetic_report(path, _inputs(path, rng))
@@ -77,25 +80,28 @@ def _convert(fn) -> bytes:
         [fn.get_concrete_function()], fn).convert()
 
 
-@pytest.fixture(scope="module")
-def mean_model(tmp_path_factory):
-    """x [1,128,256,2] -> 1x1 conv (identity) -> spatial MEAN (32768 values a channel) -> x - mean.
-
-    With x = 1 in channel 0 and 2 in channel 1 every partial sum is exact in fp16; channel 0
-    sums to 32768 (finite), channel 1 to 65536 (past 65504: inf)."""
+def _mean_tflite(path, scale: float):
+    """x [1,128,256,2] -> 1x1 conv (``scale`` times the identity) -> spatial MEAN (32768 values
+    a channel) -> x - mean; the mean stays an inner tensor, the output is twice it."""
     from common.quiet import quiet_tensorflow
 
     tf = quiet_tensorflow()
 
     @tf.function(input_signature=[tf.TensorSpec([1, 128, 256, 2], tf.float32, name="x")])
     def model(x):
-        y = tf.nn.conv2d(x, tf.eye(2, batch_shape=[1, 1]), 1, "SAME", name="stem_conv")
+        y = tf.nn.conv2d(x, scale * tf.eye(2, batch_shape=[1, 1]), 1, "SAME", name="stem_conv")
         m = tf.reduce_mean(y, axis=[1, 2], keepdims=True, name="stem_mean")
-        return {"out": tf.nn.relu(x - m), "twice_mean": m * 2.0}  # m stays an inner tensor
+        return {"out": tf.nn.relu(x - m), "twice_mean": m * 2.0}
 
-    path = tmp_path_factory.mktemp("arith") / "mean.tflite"
     path.write_bytes(_convert(model))
     return path
+
+
+@pytest.fixture(scope="module")
+def mean_model(tmp_path_factory):
+    """The identity conv: with x = 1 in channel 0 and 2 in channel 1 every partial sum is exact
+    in fp16; channel 0 sums to 32768 (finite), channel 1 to 65536 (past 65504: inf)."""
+    return _mean_tflite(tmp_path_factory.mktemp("arith") / "mean.tflite", 1.0)
 
 
 def _ones(value0: float, value1: float) -> dict[str, np.ndarray]:
@@ -196,3 +202,102 @@ def test_an_unknown_op_kind_is_named(tmp_path):
     path.write_bytes(_convert(model))
     with pytest.raises(UserError, match="does not implement: CUMSUM"):
         run_arithmetic(path, {"x": np.zeros((1, 8), np.float32)}, "fp16")
+
+
+@pytest.mark.slow
+# --- wiring: the export's verdict, bokeh inspect --fp16, parity --arithmetic, the bundle --------
+
+@pytest.mark.parametrize("stem", ["nafnet_fp32", "nafnet_fp16", "bokeh_fp32", "bokeh_fp16",
+                                  "bokeh_controls_fp32", "bokeh_controls_fp16"])
+def test_every_float_manifest_carries_the_fp16_verdict(fused_export, stem):
+    import json
+
+    out, report = fused_export
+    manifest = json.loads((out / f"{stem}.manifest.json").read_text())
+    verdict = manifest["fp16_arithmetic"]
+    assert verdict["policy"] == "fp16" and verdict["passed"] in (True, False)
+    names = {o["name"] for o in manifest["outputs"]}
+    assert set(verdict["outputs"]) == names
+    assert verdict["threshold"]["nonfinite_values"] == 0
+    assert verdict["passed"] == (verdict["first_nonfinite"] is None and all(
+        o["passed"] for o in verdict["outputs"].values()))
+    assert report["variants"][f"{stem}.tflite"]["fp16_arithmetic"] == verdict
+    assert f"{stem}.tflite: fp16 arithmetic: " in (out / "report.txt").read_text()
+
+
+def test_inspect_fp16_names_the_first_inf_and_exits_1(tmp_path, capsys):
+    """Scaled by 8, the seeded random input (values about 0.5) sums past 65504 in the MEAN."""
+    from tools.inspect import main
+
+    path = _mean_tflite(tmp_path / "mean8.tflite", 8.0)
+    assert main([str(path), "--fp16"]) == 1
+    text = capsys.readouterr().out
+    assert "FAIL: first inf/NaN at MEAN 'stem_mean'" in text
+    assert "ops losing the most" in text
+
+
+@pytest.mark.slow
+def test_inspect_fp16_json_on_nafnet(fused_export, capsys):
+    import json
+
+    from tools.inspect import main
+
+    assert main([str(fused_export[0] / "nafnet_fp16.tflite"), "--fp16", "--json",
+                 "--ops", "3"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["arithmetic"]["passed"] is True
+    assert len(result["arithmetic"]["worst_ops"]) == 3
+
+
+@pytest.mark.slow
+def test_parity_in_fp16_arithmetic(fused_export, tmp_path, capsys):
+    import json
+
+    from validate.cli import parity_main
+
+    out = tmp_path / "parity.json"
+    assert parity_main(["--tflite", str(fused_export[0] / "nafnet_fp16.tflite"), "--tflite-only",
+                        "--arithmetic", "fp16", "--num-random", "1", "--json", str(out)]) == 0
+    assert "tflite-fp16 in fp16 arithmetic vs fp32 arithmetic" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["arithmetic"]["policy"] == "fp16"
+    assert result["arithmetic"]["first_nonfinite"] is None
+    against = result["stages"][-1]
+    assert against["stage"].endswith("vs fp32 arithmetic") and against["passed"]
+    assert 40 <= against["inputs"][0]["psnr_db"] < 200
+
+
+def test_parity_arithmetic_flag_is_checked(mean_model, capsys):
+    from validate.cli import parity_main
+
+    with pytest.raises(SystemExit) as exc:
+        parity_main(["--tflite", str(mean_model), "--arithmetic", "fp8"])
+    assert exc.value.code == 2
+
+
+@pytest.mark.slow
+def test_bundle_refuses_a_failing_fp16_verdict(fused_export, mean_model, tmp_path, capsys):
+    """The bundle reads the verdict in the manifest; here a real failing one (the MEAN model's)
+    stands in the manifest of the fused fp16 file, as the export writes it for DPT-Hybrid."""
+    import json
+    import shutil
+
+    from tools.ai_benchmark import main
+
+    src = tmp_path / "export"
+    src.mkdir()
+    shutil.copy(fused_export[0] / "bokeh_fp16.tflite", src)
+    manifest = json.loads((fused_export[0] / "bokeh_fp16.manifest.json").read_text())
+    failing = arithmetic_report(mean_model, _ones(1.0, 2.0))
+    manifest["fp16_arithmetic"] = failing
+    (src / "bokeh_fp16.manifest.json").write_text(json.dumps(manifest))
+    args = ["--tflite", str(src / "bokeh_fp16.tflite"), "--out", str(tmp_path / "bundle")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "refused for a GPU bundle" in err and "first inf/NaN at MEAN 'stem_mean'" in err
+    assert "--allow-fp16-failure" in err
+    assert not (tmp_path / "bundle" / "model.tflite").exists()
+    assert main([*args, "--allow-fp16-failure"]) == 0
+    bundle = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert bundle["fp16_arithmetic"]["passed"] is False
+    assert any("fp16 verdict" in w for w in bundle["warnings"])

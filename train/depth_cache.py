@@ -1,6 +1,6 @@
 """Precompute depth masks once: one 16-bit disparity PNG per training image.
 
-``python -m train.depth_cache --dpt-weights dpt_hybrid_384.pt --images DIR --out DIR`` runs the
+``bokeh depth-cache --dpt-weights dpt_hybrid_384.pt --images DIR --out DIR`` runs the
 project's DPT (``models/dpt.py``) the way the fused phone graph does: resize keeping the aspect
 ratio to a multiple of 32 with the short side 384, normalise with mean 0.5 / std 0.5, predict
 disparity, resize it back to the photo's size. The PNG holds the disparity min-max scaled to
@@ -67,9 +67,9 @@ def build_cache(images: Path, out: Path, predict: Predictor, overwrite: bool = F
     return len(todo)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "bokeh depth-cache") -> int:
     p = argparse.ArgumentParser(
-        prog="python -m train.depth_cache",
+        prog=prog,
         description="Run DPT over a folder of photos and cache one 16-bit disparity PNG each.")
     p.add_argument("--dpt-weights", type=Path, required=True,
                    help="local MiDaS DPT checkpoint (e.g. dpt_hybrid_384.pt)")
