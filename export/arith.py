@@ -672,6 +672,17 @@ def _range(x: np.ndarray) -> list[float] | None:
     return [float(np.fmin.reduce(x, axis=None)), float(np.fmax.reduce(x, axis=None))]
 
 
+def _nonfinite(x: np.ndarray, value_range: list[float] | None) -> int:
+    """How many values of ``x`` are inf or NaN; one cheap pass when its range (which ignores
+    NaN) is finite and its float32 sum is (no NaN), the full count only otherwise."""
+    if value_range is None:
+        return 0
+    if math.isfinite(value_range[0]) and math.isfinite(value_range[1]) and math.isfinite(
+            float(np.sum(x, dtype=_F32))):
+        return 0
+    return int(np.count_nonzero(~np.isfinite(x)))
+
+
 def _store(x: np.ndarray, tensor, store) -> np.ndarray:
     """An op result as its tensor holds it: floats in the policy's dtype (fp16 rounds, and a
     value past 65504 becomes inf), other types in the tensor's own."""
@@ -808,9 +819,11 @@ def run_arithmetic(tflite: str | Path, inputs: dict[str, np.ndarray], policy: st
                             f"{type(exc).__name__}: {exc}") from None
         main = outs[0]
         float_outs = [v for v in main if np.issubdtype(v.dtype, np.floating)]
-        nonfinite = int(sum(np.count_nonzero(~np.isfinite(v)) for v in float_outs))
         for o, v in zip(op.outputs, main, strict=True):
             range_of[int(o)] = _range(v)
+        nonfinite = sum(_nonfinite(v, range_of[int(o)])
+                        for o, v in zip(op.outputs, main, strict=True)
+                        if np.issubdtype(v.dtype, np.floating))
         ranges = [r for r in (range_of[int(o)] for o in op.outputs) if r is not None]
         record = OpRecord(k, _name(graph.tensors[op.outputs[0]]), kind, in_ranges,
                           [min(r[0] for r in ranges), max(r[1] for r in ranges)] if ranges
