@@ -35,28 +35,68 @@ RANDOM_DEPTH_WARNING = (
 
 
 def load_generator(checkpoint: str | Path | None, seed: int = 0) -> tuple[torch.nn.Module, dict]:
-    """The NAFNet to export and the manifest's record of where its weights came from."""
+    """The NAFNet to export and the manifest's record of where its weights came from, with the
+    depth net whose masks it was trained on (``trained_with_depth``: the trainer's record,
+    ``None`` when the checkpoint does not say)."""
     if checkpoint:
+        from collections.abc import Mapping
+
+        from models.checkpoint import read_checkpoint
+
         model = load_nafnet(checkpoint)
-        return model, {"checkpoint": str(Path(checkpoint).resolve()), "random_seed": None}
-    return random_nafnet(PAPER_CONFIG, seed), {"checkpoint": None, "random_seed": seed}
+        raw = read_checkpoint(checkpoint)[0]
+        trained = raw.get("depth") if isinstance(raw, Mapping) else None
+        return model, {"checkpoint": str(Path(checkpoint).resolve()), "random_seed": None,
+                       "trained_with_depth": trained if isinstance(trained, dict) else None}
+    return random_nafnet(PAPER_CONFIG, seed), {"checkpoint": None, "random_seed": seed,
+                                               "trained_with_depth": None}
 
 
-def resolve_depth_name(name: str | None, weights: str | Path | None) -> str:
-    """The registered depth net to fuse: ``name`` (old ``--dpt-variant`` values too); without
-    one, the net the weights file is, else the default (DPT-Hybrid, the paper's)."""
-    from models.depth import DEFAULT_DEPTH, checkpoint_net, depth_net
+def follow_checkpoint(weights: dict, depth: str | None, depth_weights: str | Path | None,
+                      short_side: int | None, seed: int, allow_mismatch: bool,
+                      warnings: list[str]) -> tuple[str | None, str | Path | None, int | None]:
+    """The depth net to fuse for a NAFNet trained on masks of ``weights["trained_with_depth"]``:
+    that net, its weights file (the recorded path, when it still holds the same bytes) and
+    short side, unless given. Another net, weights file or short side is refused in one line
+    naming both, or with ``allow_mismatch`` said in ``warnings``."""
+    from models.depth import (
+        describe_mask_source,
+        file_sha256,
+        mask_source,
+        resolve_depth_name,
+        same_masks,
+    )
 
-    if name:
-        return depth_net(name).name
-    return (checkpoint_net(weights) if weights else None) or DEFAULT_DEPTH
+    trained = weights.get("trained_with_depth")
+    if not trained:
+        return depth, depth_weights, short_side
+    recorded = trained.get("weights")
+    if depth_weights is None and recorded and Path(recorded).is_file() and (
+            file_sha256(recorded) == trained.get("weights_sha256")):
+        depth_weights = recorded
+    name = resolve_depth_name(depth or (None if depth_weights else trained["name"]),
+                              depth_weights)
+    short_side = trained["short_side"] if short_side is None and name == trained["name"] \
+        else short_side
+    fused = mask_source(name, depth_weights, seed, short_side)
+    if not same_masks(trained, fused):
+        line = (f"{weights['checkpoint']}: NAFNet was trained on masks of "
+                f"{describe_mask_source(trained)}, but this export would fuse "
+                f"{describe_mask_source(fused)}")
+        if not allow_mismatch:
+            hint = ("give --depth-weights with that file" if trained.get("weights_sha256")
+                    and name == trained["name"] else "export with the net it was trained with")
+            raise UserError(f"{line}; {hint}, or --allow-depth-mismatch to fuse it anyway")
+        warnings.append(f"DEPTH MISMATCH (--allow-depth-mismatch): {line}; the masks it "
+                        "reads are not distributed like those it learned from")
+    return name, depth_weights, short_side
 
 
 def load_depth_net(weights: str | Path | None, name: str | None = None,
                    seed: int = 0) -> tuple[torch.nn.Module, dict]:
     """The PyTorch depth net to port (its file, else random weights) and its manifest record
     (models/depth.py; the input size is added once known)."""
-    from models.depth import depth_record, load_depth_model
+    from models.depth import depth_record, load_depth_model, resolve_depth_name
 
     name = resolve_depth_name(name, weights)
     model = load_depth_model(name, weights, seed)
@@ -106,6 +146,7 @@ def export(
     dpt_variant: str | None = None,
     dpt_short_side: int | None = None,
     reuse_nafnet: str | Path | None = None,
+    allow_depth_mismatch: bool = False,
 ) -> dict:
     """Export NAFNet (photo + mask in) and, with ``fuse``, the fused depth net + NAFNet model
     (photo in), every stage and TFLite variant, NHWC; return the report.
@@ -114,6 +155,9 @@ def export(
     DPT-Hybrid); ``depth_weights`` is its file (default: random weights, said loudly);
     ``depth_short_side`` its input short side (default: the net's own). ``dpt_weights``,
     ``dpt_variant`` (hybrid, large, tiny) and ``dpt_short_side`` are their old names.
+    A ``checkpoint`` that records the depth net its masks came from (``bokeh train``) decides
+    the fused net: ``depth``, ``depth_weights`` and ``depth_short_side`` default to it, and
+    another is refused unless ``allow_depth_mismatch`` (``follow_checkpoint``).
     ``reuse_nafnet``: an export folder of the same NAFNet (weights, size, opset) whose ONNX,
     SavedModel and frozen graph are copied instead of converted again (to fuse several depth
     nets with one NAFNet conversion).
@@ -157,6 +201,10 @@ def export(
     folder.check(out_dir, overwrite)  # before loading anything: a bad folder fails at once
     model, weights = load_generator(checkpoint, seed)
     warnings = [RANDOM_WEIGHTS_WARNING.format(seed=seed)] if checkpoint is None else []
+    if fuse:
+        depth, depth_weights, depth_short_side = follow_checkpoint(
+            weights, depth, depth_weights, depth_short_side, seed, allow_depth_mismatch,
+            warnings)
     config = dict(model.config)
     if reuse_nafnet is not None:
         reuse_nafnet = _reusable_nafnet(Path(reuse_nafnet), height, width, opset, weights, config)
