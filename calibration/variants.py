@@ -25,6 +25,7 @@ def add_quant_variants(export_dir: str | Path, variants: tuple[str, ...], calib_
     calibration = calibration_set(base["height"], base["width"], calib_samples, calib_dir)
     report = read_json(out / "report.json")
     log = StageLog(out, echo, report["stages"])
-    write_quant_variants(out / frozen["path"], io_spec, variants, calibration, base, report, log)
+    report["variants"].update(write_quant_variants(out / frozen["path"], io_spec, variants,
+                                                   calibration, base, log))
     write_report(out, report)
     return report

@@ -24,7 +24,7 @@ OUTPUT_NAMES = ("bokeh", "mask")
 CONTROL_NAMES = tuple(CONTROLS)  # ("focus", "strength"): inputs after the photo, [1,1,1,1] each
 
 
-def fused_function(keras_dpt, nafnet_saved_model: str | Path, height: int, width: int,
+def fused_function(keras_depth, nafnet_saved_model: str | Path, height: int, width: int,
                    mean: tuple[float, ...] = (0.5, 0.5, 0.5),
                    std: tuple[float, ...] = (0.5, 0.5, 0.5), controls: bool = False):
     """photo ``[1,H,W,3]`` in [0,1] -> (bokeh ``[1,H,W,3]``, mask ``[1,H,W,1]``); the depth net
@@ -33,7 +33,7 @@ def fused_function(keras_dpt, nafnet_saved_model: str | Path, height: int, width
     tf = quiet_tensorflow()
     shift = tf.constant([[[[-m / s for m, s in zip(mean, std, strict=True)]]]], tf.float32)
     scale = tf.constant([[[[1.0 / s for s in std]]]], tf.float32)
-    dpt_size = tuple(int(d) for d in keras_dpt.input_shape[1:3])
+    depth_size = tuple(int(d) for d in keras_depth.input_shape[1:3])
     nafnet = nchw_to_nhwc_function(nafnet_saved_model, (1, height, width, 4))
 
     def resize(x, size):
@@ -43,7 +43,7 @@ def fused_function(keras_dpt, nafnet_saved_model: str | Path, height: int, width
                                                   half_pixel_centers=True)
 
     def render(photo, focus=None, strength=None):
-        disparity = keras_dpt(resize(photo, dpt_size) * scale + shift)
+        disparity = keras_depth(resize(photo, depth_size) * scale + shift)
         disparity = resize(disparity, (height, width))
         low = tf.reduce_min(disparity, axis=[1, 2, 3], keepdims=True)
         high = tf.reduce_max(disparity, axis=[1, 2, 3], keepdims=True)
@@ -65,7 +65,7 @@ def fused_function(keras_dpt, nafnet_saved_model: str | Path, height: int, width
     else:
         bokeh = tf.function(lambda photo: render(photo), input_signature=[photo_spec])
 
-    bokeh.keras_dpt, bokeh.nafnet = keras_dpt, nafnet  # keep both alive for saving
+    bokeh.keras_depth, bokeh.nafnet = keras_depth, nafnet  # keep both alive for saving
     return bokeh
 
 
@@ -74,7 +74,7 @@ def save_fused(fn, dest: str | Path) -> Path:
     strength] -> bokeh, mask)."""
     tf = quiet_tensorflow()
     module = tf.Module()
-    module.dpt = fn.keras_dpt
+    module.depth = fn.keras_depth
     module.nafnet = fn.nafnet.loaded
     module.render = fn
 

@@ -7,9 +7,11 @@ with per-stage timings, op histograms, Flex ops, maximum rank and the GPU-compat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,8 +20,9 @@ from common.errors import UserError
 from common.quiet import quiet_tensorflow
 from export import folder, onnx_stages, tf_stages, tflite_stage
 from export.manifest import MANIFEST_FORMAT, write_manifest
-from export.quantize import QUANT_VARIANTS, write_quant_variants
+from export.quantize import write_quant_variants
 from export.report import StageLog, banner, summary_text, write_report
+from export.variants import check_names
 from models.nafnet import PAPER_CONFIG, load_nafnet, random_nafnet
 
 RANDOM_WEIGHTS_WARNING = (
@@ -54,7 +57,7 @@ def load_generator(checkpoint: str | Path | None, seed: int = 0) -> tuple[torch.
 
 def follow_checkpoint(weights: dict, depth: str | None, depth_weights: str | Path | None,
                       short_side: int | None, seed: int, allow_mismatch: bool,
-                      warnings: list[str]) -> tuple[str | None, str | Path | None, int | None]:
+                      warnings: list[str]) -> tuple[str | None, Path | None, int | None]:
     """The depth net to fuse for a NAFNet trained on masks of ``weights["trained_with_depth"]``:
     that net, its weights file (the recorded path, when it still holds the same bytes) and
     short side, unless given. Another net, weights file or short side is refused in one line
@@ -73,11 +76,11 @@ def follow_checkpoint(weights: dict, depth: str | None, depth_weights: str | Pat
     recorded = trained.get("weights")
     if depth_weights is None and recorded and Path(recorded).is_file() and (
             file_sha256(recorded) == trained.get("weights_sha256")):
-        depth_weights = recorded
+        depth_weights = Path(recorded)
     name = resolve_depth_name(depth or (None if depth_weights else trained["name"]),
                               depth_weights)
-    short_side = trained["short_side"] if short_side is None and name == trained["name"] \
-        else short_side
+    if short_side is None and name == trained["name"]:
+        short_side = trained["short_side"]
     fused = mask_source(name, depth_weights, seed, short_side)
     if not same_masks(trained, fused):
         line = (f"{weights['checkpoint']}: NAFNet was trained on masks of "
@@ -94,13 +97,13 @@ def follow_checkpoint(weights: dict, depth: str | None, depth_weights: str | Pat
 
 def load_depth_net(weights: str | Path | None, name: str | None = None,
                    seed: int = 0) -> tuple[torch.nn.Module, dict]:
-    """The PyTorch depth net to port (its file, else random weights) and its manifest record
-    (models/depth.py; the input size is added once known)."""
-    from models.depth import depth_record, load_depth_model, resolve_depth_name
+    """The PyTorch depth net to port (its file, read once, else random weights) and its
+    manifest record (models/depth.py; the input size is added once known). Without ``name``:
+    the net the file is, else the default (DPT-Hybrid, the paper's)."""
+    from models.depth import depth_record, load_depth
 
-    name = resolve_depth_name(name, weights)
-    model = load_depth_model(name, weights, seed)
-    return model, depth_record(name, model, weights, seed)
+    entry, model = load_depth(name, weights, seed)
+    return model, depth_record(entry.name, model, weights, seed)
 
 
 def _software_versions() -> dict:
@@ -123,194 +126,250 @@ def check_size(height: int, width: int) -> None:
                         f"(NAFNet downsamples 4 times), at least 16; e.g. {near}")
 
 
-def export(
-    out_dir: str | Path = "build/export",
-    height: int = 1024,
-    width: int = 1536,
-    checkpoint: str | Path | None = None,
-    depth: str | None = None,
-    depth_weights: str | Path | None = None,
-    depth_short_side: int | None = None,
-    fuse: bool = True,
-    controls: bool = False,
-    variants: tuple[str, ...] = ("fp32", "fp16"),
-    quant_variants: tuple[str, ...] = (),
-    calibration=None,
-    opset: int = onnx_stages.DEFAULT_OPSET,
-    allow_flex: bool = False,
-    seed: int = 0,
-    overwrite: bool = False,
-    gpu_check: bool = True,
-    echo: Callable[[str], None] = print,
-    dpt_weights: str | Path | None = None,
-    dpt_variant: str | None = None,
-    dpt_short_side: int | None = None,
-    reuse_nafnet: str | Path | None = None,
-    allow_depth_mismatch: bool = False,
-) -> dict:
-    """Export NAFNet (photo + mask in) and, with ``fuse``, the fused depth net + NAFNet model
-    (photo in), every stage and TFLite variant, NHWC; return the report.
+@dataclass(frozen=True)
+class ExportOptions:
+    """What one export is asked to do, checked once when built (old option names are resolved
+    at the CLI edge, tools/cli.py).
 
     ``depth`` names a net of models/depth.py (default: the net ``depth_weights`` is, else
     DPT-Hybrid); ``depth_weights`` is its file (default: random weights, said loudly);
-    ``depth_short_side`` its input short side (default: the net's own). ``dpt_weights``,
-    ``dpt_variant`` (hybrid, large, tiny) and ``dpt_short_side`` are their old names.
+    ``depth_short_side`` its input short side (default: the net's own). ``fuse``: also the fused
+    depth net + NAFNet model (photo in); ``controls``: the fused model once more with ``focus``
+    and ``strength`` inputs (export/fuse.py) as ``bokeh_controls_{variant}.tflite``.
+    ``quant_variants`` (of ``QUANT_VARIANTS``) are written for the fused model only.
+    ``overwrite``: replace another export in ``out_dir`` (export/folder.py). ``gpu_check``: run
+    every float file once on LiteRT's GPU accelerator where a device is found.
+    ``reuse_nafnet``: an export folder of the same NAFNet (weights, size, opset) whose ONNX,
+    SavedModel and frozen graph are copied instead of converted again.
     A ``checkpoint`` that records the depth net its masks came from (``bokeh train``) decides
     the fused net: ``depth``, ``depth_weights`` and ``depth_short_side`` default to it, and
     another is refused unless ``allow_depth_mismatch`` (``follow_checkpoint``).
-    ``reuse_nafnet``: an export folder of the same NAFNet (weights, size, opset) whose ONNX,
-    SavedModel and frozen graph are copied instead of converted again (to fuse several depth
-    nets with one NAFNet conversion).
-
-    With ``controls`` (and ``fuse``) the fused model is also written with two more inputs,
-    ``focus`` and ``strength`` (export/fuse.py), as ``bokeh_controls_{variant}.tflite``; the plain
-    files are unchanged.
-    ``quant_variants`` (of ``QUANT_VARIANTS``) are written for the fused model only, calibrated
-    on ``calibration`` (calibration.dataset.calibration_set), which they need.
-    The run owns ``out_dir`` (export/folder.py): refused if it holds another export and
-    ``overwrite`` is off; the new set replaces the old one only when every stage succeeded.
-    ``gpu_check``: every float TFLite file is run once on LiteRT's GPU accelerator where a GPU
-    device is found, and its manifest records the verdict (ran, failed, not tried).
-
-    Raises ``UserError`` for bad input and ``tflite_stage.FlexOpsRequired`` when a variant needs
-    Flex ops and ``allow_flex`` is off (the Flex file is kept in ``failed-run/``).
     """
-    check_size(height, width)
-    for v in variants:
-        if v not in tflite_stage.VARIANTS:
-            raise UserError(f"unknown variant {v!r}; this export writes {tflite_stage.VARIANTS}")
-    for v in quant_variants:
-        if v not in QUANT_VARIANTS:
-            raise UserError(f"unknown quantized variant {v!r}; expected some of {QUANT_VARIANTS}")
-    if fuse and quant_variants and calibration is None:
+
+    out_dir: Path = Path("build/export")
+    height: int = 1024
+    width: int = 1536
+    checkpoint: Path | None = None
+    depth: str | None = None
+    depth_weights: Path | None = None
+    depth_short_side: int | None = None
+    fuse: bool = True
+    controls: bool = False
+    variants: tuple[str, ...] = ("fp32", "fp16")
+    quant_variants: tuple[str, ...] = ()
+    opset: int = onnx_stages.DEFAULT_OPSET
+    allow_flex: bool = False
+    seed: int = 0
+    overwrite: bool = False
+    gpu_check: bool = True
+    reuse_nafnet: Path | None = None
+    allow_depth_mismatch: bool = False
+
+    def __post_init__(self):
+        for name in ("out_dir", "checkpoint", "depth_weights", "reuse_nafnet"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
+        object.__setattr__(self, "variants", tuple(self.variants))
+        object.__setattr__(self, "quant_variants", tuple(self.quant_variants))
+        check_size(self.height, self.width)
+        check_names(self.variants, quantized=False)
+        check_names(self.quant_variants, quantized=True)
+        if not 12 <= self.opset <= 15:
+            raise UserError(f"opset {self.opset} is outside 12-15, the range onnx-tf 1.10 "
+                            "converts")
+        if self.controls and not self.fuse:
+            raise UserError("controls need the fused model (the depth mask is computed in the "
+                            "graph); drop --no-fuse")
+        if self.fuse and self.depth:  # a bad name or short side fails before anything loads
+            from models.depth import depth_input_size, depth_net
+
+            object.__setattr__(self, "depth", depth_net(self.depth).name)
+            depth_input_size(self.depth, self.height, self.width, self.depth_short_side)
+
+
+class ExportRun:
+    """One export in progress. It owns the staging folder, the run id, the stage log and the
+    report: every file is written and recorded through it, and nothing else changes them."""
+
+    def __init__(self, options: ExportOptions, base: dict, warnings: list[str],
+                 echo: Callable[[str], None]):
+        self.options = options
+        self.out, self.staging, self.run_id = folder.begin(options.out_dir, options.overwrite)
+        self.log = StageLog(self.staging, echo)
+        self.base = {"format": MANIFEST_FORMAT, "run_id": self.run_id, **base,
+                     "warnings": warnings, "height": options.height, "width": options.width,
+                     "report": "report.json"}
+        self.report = {
+            "run_id": self.run_id, "height": options.height, "width": options.width,
+            "nafnet_config": base["nafnet_config"], "weights": base["weights"],
+            "depth": base["depth"], "warnings": warnings, "opset": options.opset,
+            "software": _software_versions(), "stages": self.log.stages, "variants": {},
+        }
+
+    def write_variants(self, prefix: str, frozen: Path, io_spec: dict,
+                       manifest_base: dict) -> None:
+        """Convert ``frozen`` to each TFLite variant and write its manifest beside it."""
+        for variant in self.options.variants:
+            tflite = self.staging / f"{prefix}_{variant}.tflite"
+            try:
+                self.log.run(f"tflite-{prefix}-{variant}", tflite_stage.to_tflite, frozen,
+                             io_spec, tflite, variant)
+            except tflite_stage.FlexOpsRequired as exc:
+                self.report["variants"][exc.flex_path.name] = {"flex_ops": exc.flex_ops}
+                self.log.echo(banner(f"FLEX OPS: {exc}"))
+                if not self.options.allow_flex:
+                    raise
+                tflite = exc.flex_path
+            if self.options.gpu_check:
+                self.log.echo(f"  .. {tflite.name}: running it on the GPU accelerator")
+            self.report["variants"][tflite.name] = write_manifest(
+                tflite, variant, manifest_base, gpu_check=self.options.gpu_check)
+
+    def write_fused(self, prefix: str, fused, nafnet_stages: list[dict], base: dict,
+                    note: str) -> tuple[Path, dict, dict]:
+        """Save, freeze and convert one fused tf.function (``prefix`` "bokeh" or
+        "bokeh_controls"); return the frozen graph, its I/O and its files' manifest base."""
+        from export.fuse import OUTPUT_NAMES, save_fused
+
+        tag = prefix.removeprefix("bokeh").replace("_", "-")  # "" or "-controls"
+        saved = self.log.run(f"fuse{tag}", save_fused, fused,
+                             self.staging / f"{prefix}_savedmodel", note=note)
+        frozen, spec = self.log.run(f"freeze-fused{tag}", tf_stages.freeze, fused,
+                                    self.staging / f"{prefix}_frozen.pb", OUTPUT_NAMES)
+        stages = [*nafnet_stages,
+                  _stage(f"bokeh{tag}-savedmodel", "saved_model", saved, "NHWC", spec,
+                         role="bokeh"),
+                  _stage(f"bokeh{tag}-frozen-graph", "frozen_graph", frozen, "NHWC", spec,
+                         role="bokeh")]
+        manifest_base = {**base, "model": "bokeh", "stages": stages}
+        self.write_variants(prefix, frozen, spec, manifest_base)
+        return frozen, spec, manifest_base
+
+    def write_quantized(self, frozen: Path, io_spec: dict, manifest_base: dict,
+                        calibration) -> None:
+        self.report["variants"].update(write_quant_variants(
+            frozen, io_spec, self.options.quant_variants, calibration, manifest_base, self.log))
+
+    def fail(self, exc: BaseException) -> None:
+        """Keep this run's files in ``failed-run/`` and say so; the last export stays."""
+        self.report["failed"] = f"{type(exc).__name__}: {exc}".strip()
+        try:  # on a full disk this fails too: the staging folder then goes with the next run
+            write_report(self.staging, self.report)
+            kept = folder.abandon(self.out, self.staging)
+        except OSError:
+            kept = self.staging
+        self.log.echo(f"EXPORT FAILED ({self.report['failed'][:200]}); {self.out} still holds "
+                      f"the last complete export; this run's files are in {kept}")
+
+    def finish(self) -> dict:
+        """Swap the complete set in and return the report."""
+        self.report["files"] = sorted({p.name for p in self.staging.iterdir()}
+                                      | {"report.json", "report.txt"})
+        write_report(self.staging, self.report)
+        folder.commit(self.out, self.staging)
+        self.log.echo(summary_text(self.report))
+        return self.report
+
+
+def export(options: ExportOptions, calibration=None,
+           echo: Callable[[str], None] = print) -> dict:
+    """Export NAFNet (photo + mask in) and, with ``options.fuse``, the fused depth net + NAFNet
+    model (photo in), every stage and TFLite variant, NHWC; return the report.
+
+    ``calibration`` (calibration.dataset.calibration_set) is what the quantized variants are
+    calibrated on. The run owns ``options.out_dir`` (export/folder.py): refused if it holds
+    another export and ``overwrite`` is off; the new set replaces the old one only when every
+    stage succeeded. Raises ``UserError`` for bad input and ``tflite_stage.FlexOpsRequired`` when
+    a variant needs Flex ops and ``allow_flex`` is off (the Flex file is kept in
+    ``failed-run/``).
+    """
+    o = options
+    if o.fuse and o.quant_variants and calibration is None:
         raise UserError("quantized variants need calibration data (calibration_set)")
-    if not 12 <= opset <= 15:
-        raise UserError(f"opset {opset} is outside 12-15, the range onnx-tf 1.10 converts")
-    depth_weights = _same("--depth-weights", depth_weights, "--dpt-weights", dpt_weights)
-    depth_short_side = _same("--depth-short-side", depth_short_side, "--dpt-short-side",
-                             dpt_short_side)
-    if dpt_variant is not None:
-        from models.depth import depth_net
-
-        old = depth_net(dpt_variant).name
-        depth = _same("--depth", depth and depth_net(depth).name, "--dpt-variant", old)
-    if fuse and depth:  # a bad name or short side fails before anything is loaded
-        from models.depth import depth_input_size
-
-        depth_input_size(depth, height, width, depth_short_side)
-    folder.check(out_dir, overwrite)  # before loading anything: a bad folder fails at once
-    model, weights = load_generator(checkpoint, seed)
-    warnings = [RANDOM_WEIGHTS_WARNING.format(seed=seed)] if checkpoint is None else []
-    if fuse:
-        depth, depth_weights, depth_short_side = follow_checkpoint(
-            weights, depth, depth_weights, depth_short_side, seed, allow_depth_mismatch,
-            warnings)
+    folder.check(o.out_dir, o.overwrite)  # before loading anything: a bad folder fails at once
+    model, weights = load_generator(o.checkpoint, o.seed)
+    warnings = [RANDOM_WEIGHTS_WARNING.format(seed=o.seed)] if o.checkpoint is None else []
+    if o.fuse:
+        depth, depth_weights, short_side = follow_checkpoint(
+            weights, o.depth, o.depth_weights, o.depth_short_side, o.seed,
+            o.allow_depth_mismatch, warnings)
+        o = dataclasses.replace(o, depth=depth, depth_weights=depth_weights,
+                                depth_short_side=short_side)
     config = dict(model.config)
-    if reuse_nafnet is not None:
-        reuse_nafnet = _reusable_nafnet(Path(reuse_nafnet), height, width, opset, weights, config)
-    record = None
-    if fuse:
+    reuse = None if o.reuse_nafnet is None else _reusable_nafnet(o, weights, config)
+    record = depth_model = None
+    if o.fuse:
         from models.depth import depth_input_size, depth_net
 
-        depth_model, record = load_depth_net(depth_weights, depth, seed)
+        depth_model, record = load_depth_net(o.depth_weights, o.depth, o.seed)
         net = depth_net(record["name"])
-        depth_size = depth_input_size(net.name, height, width, depth_short_side)
+        depth_size = depth_input_size(net.name, o.height, o.width, o.depth_short_side)
         record["input_size"] = list(depth_size)
-        if depth_weights is None:
+        if o.depth_weights is None:
             warnings.append(RANDOM_DEPTH_WARNING.format(
-                name=net.name, title=net.title, seed=seed, file=net.official_file or "FILE"))
-    out, staging, run_id = folder.begin(out_dir, overwrite)
+                name=net.name, title=net.title, seed=o.seed, file=net.official_file or "FILE"))
+    run = ExportRun(o, {"nafnet_config": config, "weights": weights, "depth": record},
+                    warnings, echo)
     for w in warnings:
         echo(banner(w))
-
-    log = StageLog(staging, echo)
-    report = {
-        "run_id": run_id, "height": height, "width": width, "nafnet_config": config,
-        "weights": weights, "depth": record, "warnings": warnings, "opset": opset,
-        "software": _software_versions(), "stages": log.stages, "variants": {},
-    }
-    base = {"format": MANIFEST_FORMAT, "run_id": run_id, "nafnet_config": config,
-            "weights": weights, "depth": record, "warnings": warnings, "height": height,
-            "width": width, "report": "report.json"}
     try:
         echo(f"Exporting NAFNet{tuple(config['enc_blocks'])} width {config['width']} at "
-             f"{height}x{width} to {out}/ (run {run_id})")
-        if reuse_nafnet is None:
-            nafnet_stages, saved, report["rewrites"] = _nafnet_graphs(
-                model, staging, height, width, opset, log)
-            fn = tf_stages.nchw_to_nhwc_function(saved, (1, height, width,
-                                                         config["in_channels"]))
-            frozen, io_spec = log.run("freeze", tf_stages.freeze, fn,
-                                      staging / "nafnet_frozen.pb")
-            nafnet_stages.append(_stage("frozen-graph", "frozen_graph", frozen, "NHWC", io_spec))
-        else:
-            report["nafnet_reused_from"] = str(reuse_nafnet.resolve())
-            nafnet_stages, report["rewrites"], io_spec = log.run(
-                "reuse-nafnet", _copy_nafnet, reuse_nafnet, staging,
-                note=f"copying NAFNet's ONNX, SavedModel and frozen graph from {reuse_nafnet}")
-            saved, frozen = staging / "nafnet_savedmodel", staging / "nafnet_frozen.pb"
-        _write_variants("nafnet", frozen, io_spec, variants, {**base, "model": "nafnet",
-                        "stages": nafnet_stages}, report, log, allow_flex, gpu_check)
-        if fuse:
-            from export.fuse import fused_function
-            from models.depth import keras_from_torch
-
-            echo(f"Fusing {net.name} at {depth_size[0]}x{depth_size[1]} with NAFNet "
-                 f"({net.title}, {net.normalisation})")
-            keras_depth = log.run("keras-depth", keras_from_torch, depth_model, *depth_size,
-                                  note=f"building the Keras {net.name} and porting its weights")
-            fused = fused_function(keras_depth, saved, height, width, net.mean, net.std)
-            frozen_fused, fused_spec, bokeh_base = _write_fused(
-                "bokeh", fused, nafnet_stages, base, variants, report, log, allow_flex,
-                f"tracing {net.name} + NAFNet into one graph", gpu_check)
-            if quant_variants:
-                write_quant_variants(frozen_fused, fused_spec, quant_variants, calibration,
-                                     bokeh_base, report, log)
-            if controls:
-                controlled = fused_function(keras_depth, saved, height, width, net.mean,
-                                            net.std, controls=True)
-                _write_fused("bokeh_controls", controlled, nafnet_stages,
-                             {**base, "controls": control_manifest()}, variants, report, log,
-                             allow_flex, f"tracing {net.name} + NAFNet with focus and strength",
-                             gpu_check)
+             f"{o.height}x{o.width} to {run.out}/ (run {run.run_id})")
+        nafnet_stages, saved = _nafnet_stages(run, model, reuse)
+        if o.fuse:
+            _fused_files(run, net, depth_model, depth_size, saved, nafnet_stages, calibration)
     except BaseException as exc:
-        report["failed"] = f"{type(exc).__name__}: {exc}".strip()
-        try:  # on a full disk this fails too: the staging folder then goes with the next run
-            write_report(staging, report)
-            kept = folder.abandon(out, staging)
-        except OSError:
-            kept = staging
-        echo(f"EXPORT FAILED ({report['failed'][:200]}); {out} still holds the last complete "
-             f"export; this run's files are in {kept}")
+        run.fail(exc)
         raise
-    report["files"] = sorted({p.name for p in staging.iterdir()} | {"report.json",
-                                                                     "report.txt"})
-    write_report(staging, report)
-    folder.commit(out, staging)
-    echo(summary_text(report))
-    return report
+    return run.finish()
 
 
-def _write_fused(prefix: str, fused, nafnet_stages: list[dict], base: dict,
-                 variants: tuple[str, ...], report: dict, log: StageLog,
-                 allow_flex: bool, note: str, gpu_check: bool) -> tuple[Path, dict, dict]:
-    """Save, freeze and convert one fused tf.function (``prefix`` "bokeh" or "bokeh_controls");
-    return the frozen graph, its I/O and the manifest base of its TFLite files."""
-    from export.fuse import OUTPUT_NAMES, save_fused
+def _nafnet_stages(run: ExportRun, model, reuse: Path | None) -> tuple[list[dict], Path]:
+    """NAFNet's stages (converted, or copied from ``reuse``) and its TFLite files; return the
+    stage list and the SavedModel the fused graph is built on."""
+    o, log = run.options, run.log
+    if reuse is None:
+        nafnet_stages, saved, run.report["rewrites"] = _nafnet_graphs(
+            model, run.staging, o.height, o.width, o.opset, log)
+        fn = tf_stages.nchw_to_nhwc_function(saved, (1, o.height, o.width,
+                                                     model.config["in_channels"]))
+        frozen, io_spec = log.run("freeze", tf_stages.freeze, fn,
+                                  run.staging / "nafnet_frozen.pb")
+        nafnet_stages.append(_stage("frozen-graph", "frozen_graph", frozen, "NHWC", io_spec))
+    else:
+        run.report["nafnet_reused_from"] = str(reuse.resolve())
+        nafnet_stages, run.report["rewrites"], io_spec = log.run(
+            "reuse-nafnet", _copy_nafnet, reuse, run.staging,
+            note=f"copying NAFNet's ONNX, SavedModel and frozen graph from {reuse}")
+        saved, frozen = run.staging / "nafnet_savedmodel", run.staging / "nafnet_frozen.pb"
+    run.write_variants("nafnet", frozen, io_spec,
+                       {**run.base, "model": "nafnet", "stages": nafnet_stages})
+    return nafnet_stages, saved
 
-    tag = prefix.removeprefix("bokeh").replace("_", "-")  # "" or "-controls"
-    saved = log.run(f"fuse{tag}", save_fused, fused, log.out_dir / f"{prefix}_savedmodel",
-                    note=note)
-    frozen, spec = log.run(f"freeze-fused{tag}", tf_stages.freeze, fused,
-                           log.out_dir / f"{prefix}_frozen.pb", OUTPUT_NAMES)
-    stages = [*nafnet_stages,
-              _stage(f"bokeh{tag}-savedmodel", "saved_model", saved, "NHWC", spec, role="bokeh"),
-              _stage(f"bokeh{tag}-frozen-graph", "frozen_graph", frozen, "NHWC", spec,
-                     role="bokeh")]
-    manifest_base = {**base, "model": "bokeh", "stages": stages}
-    _write_variants(prefix, frozen, spec, variants, manifest_base, report, log, allow_flex,
-                    gpu_check)
-    return frozen, spec, manifest_base
+
+def _fused_files(run: ExportRun, net, depth_model, depth_size: tuple[int, int], saved: Path,
+                 nafnet_stages: list[dict], calibration) -> None:
+    """The fused model's stages and files: plain, quantized, and with the controls."""
+    from export.fuse import fused_function
+    from models.depth import keras_from_torch
+
+    o = run.options
+    run.log.echo(f"Fusing {net.name} at {depth_size[0]}x{depth_size[1]} with NAFNet "
+                 f"({net.title}, {net.normalisation})")
+    keras_depth = run.log.run("keras-depth", keras_from_torch, depth_model, *depth_size,
+                              note=f"building the Keras {net.name} and porting its weights")
+    fused = fused_function(keras_depth, saved, o.height, o.width, net.mean, net.std)
+    frozen, spec, bokeh_base = run.write_fused("bokeh", fused, nafnet_stages, run.base,
+                                               f"tracing {net.name} + NAFNet into one graph")
+    if o.quant_variants:
+        run.write_quantized(frozen, spec, bokeh_base, calibration)
+    if o.controls:
+        controlled = fused_function(keras_depth, saved, o.height, o.width, net.mean, net.std,
+                                    controls=True)
+        run.write_fused("bokeh_controls", controlled, nafnet_stages,
+                        {**run.base, "controls": control_manifest()},
+                        f"tracing {net.name} + NAFNet with focus and strength")
 
 
 def control_manifest() -> dict:
@@ -326,12 +385,13 @@ NAFNET_ARTIFACTS = ("nafnet.onnx", "nafnet_sim.onnx", "nafnet_mobile.onnx", "naf
                     "nafnet_frozen.pb")
 
 
-def _reusable_nafnet(source: Path, height: int, width: int, opset: int, weights: dict,
-                     config: dict) -> Path:
-    """``source`` if it holds a complete export of this very NAFNet conversion, else
-    ``UserError`` saying what differs."""
+def _reusable_nafnet(options: ExportOptions, weights: dict, config: dict) -> Path:
+    """``options.reuse_nafnet`` if it holds a complete export of this very NAFNet conversion,
+    else ``UserError`` saying what differs."""
     from common.files import read_json
 
+    source = options.reuse_nafnet
+    height, width, opset = options.height, options.width, options.opset
     report_path = source / "report.json"
     if not report_path.is_file():
         raise UserError(f"{source}: no export to reuse NAFNet from (no report.json)")
@@ -365,14 +425,6 @@ def _copy_nafnet(source: Path, staging: Path) -> tuple[list[dict], list, dict]:
     return manifest["stages"], read_json(source / "report.json").get("rewrites"), io_spec
 
 
-def _same(flag: str, value, old_flag: str, old_value):
-    """One option given under its name or its old name; both, disagreeing: ``UserError``."""
-    if value is not None and old_value is not None and value != old_value:
-        raise UserError(f"{flag} {value} and {old_flag} {old_value} disagree ({old_flag} is "
-                        f"the old name of {flag}); give one")
-    return old_value if value is None else value
-
-
 def _nafnet_graphs(model, out: Path, height: int, width: int, opset: int, log: StageLog):
     """Stages 1-3 for NAFNet: ONNX, simplified, rewritten for mobile, SavedModel."""
     shape = (1, model.config["in_channels"], height, width)
@@ -396,26 +448,3 @@ def _stage(name: str, engine: str, path: Path, layout: str, io_spec: dict | None
     if io_spec:
         entry.update(inputs=list(io_spec["inputs"]), outputs=list(io_spec["outputs"]))
     return entry
-
-
-def _write_variants(prefix: str, frozen: Path, io_spec: dict, variants: tuple[str, ...],
-                    manifest_base: dict, report: dict, log: StageLog, allow_flex: bool,
-                    gpu_check: bool) -> None:
-    """Convert ``frozen`` to each TFLite variant and write its manifest beside it."""
-    for variant in variants:
-        tflite = log.out_dir / f"{prefix}_{variant}.tflite"
-        try:
-            log.run(f"tflite-{prefix}-{variant}", tflite_stage.to_tflite, frozen, io_spec,
-                    tflite, variant)
-        except tflite_stage.FlexOpsRequired as exc:
-            report["variants"][exc.flex_path.name] = {"flex_ops": exc.flex_ops}
-            log.echo(banner(f"FLEX OPS: {exc}"))
-            if not allow_flex:
-                raise
-            tflite = exc.flex_path
-        if gpu_check:
-            log.echo(f"  .. {tflite.name}: running it on the GPU accelerator")
-        report["variants"][tflite.name] = write_manifest(tflite, variant, manifest_base,
-                                                         gpu_check=gpu_check)
-
-

@@ -202,25 +202,28 @@ def float_ops(path: str | Path) -> dict[str, int]:
 
 
 def write_quant_variants(frozen: Path, io_spec: dict, variants: tuple[str, ...], calibration,
-                          manifest_base: dict, report: dict, log: StageLog) -> None:
-    """Quantized variants of the fused model, each smoke-run once; a variant that cannot be
-    built or run (int16x8 here) is recorded as not supported and the export goes on."""
+                          manifest_base: dict, log: StageLog) -> dict[str, dict]:
+    """Quantized variants of the fused model, each smoke-run once; return the report entry of
+    each file. A variant that cannot be built or run (int16x8 here) is recorded as not
+    supported and the export goes on."""
     from models.depth import depth_net, depth_record_of
 
     family = depth_net(depth_record_of(manifest_base)["name"]).family
     (log.out_dir / CALIBRATED).unlink(missing_ok=True)  # new data: calibrate afresh, once
+    entries = {}
     for variant in variants:
         tflite = log.out_dir / f"bokeh_{variant}.tflite"
         try:
             _, notes = log.run(f"tflite-bokeh-{variant}", quantize_variant, frozen, io_spec,
                                tflite, variant, calibration, family)
         except QuantizationUnsupported as exc:
-            report["variants"][tflite.name] = {"unsupported": str(exc)}
+            entries[tflite.name] = {"unsupported": str(exc)}
             log.echo(f"  -- {tflite.name}: {exc}")
             continue
         quantization = {"calibration": calibration.record, "notes": notes,
                         "float_ops": float_ops(tflite),
                         "kept_float": {k: list(v) for k, v in
                                        sensitive_layers(variant, family).items()}}
-        report["variants"][tflite.name] = write_manifest(tflite, variant, manifest_base,
-                                                         {"quantization": quantization})
+        entries[tflite.name] = write_manifest(tflite, variant, manifest_base,
+                                              {"quantization": quantization})
+    return entries

@@ -73,17 +73,17 @@ class Family:
     config_type: type
     model_type: type
     random: Callable[[Any, int], nn.Module]
-    load: Callable[[Path, Any], nn.Module]  # strict, one-line CheckpointError on failure
+    load: Callable[[Mapping, Path, Any], nn.Module]  # (state, its file, config): strict,
+    # one-line CheckpointError on failure
     keras_scope: str  # the Keras model's name prefix, the scope of its ops in the fused graph
 
 
 FAMILIES = {f.key: f for f in (
-    Family("dpt", DPTConfig, DPT, random_dpt, lambda p, c: DPT.from_midas_checkpoint(p, c),
-           "dpt_"),
+    Family("dpt", DPTConfig, DPT, random_dpt, DPT.from_state_dict, "dpt_"),
     Family("midas-small", MidasSmallConfig, MidasSmall, random_midas_small,
-           lambda p, c: MidasSmall.from_checkpoint(p, c), "midas_small_"),
+           MidasSmall.from_state_dict, "midas_small_"),
     Family("depth-anything-v2", DepthAnythingConfig, DepthAnythingV2, random_depth_anything,
-           lambda p, c: DepthAnythingV2.from_checkpoint(p, c), "depth_anything_v2_"),
+           DepthAnythingV2.from_state_dict, "depth_anything_v2_"),
 )}
 DEPTH_SCOPES = tuple(f.keras_scope for f in FAMILIES.values())
 
@@ -205,29 +205,39 @@ def identify_checkpoint(state: Mapping[str, torch.Tensor]) -> str | None:
     return next((n.name for n in tests if _fits(n, state)), official)
 
 
-def load_depth_model(name: str, checkpoint: str | Path | None = None,
-                     seed: int = 0) -> nn.Module:
-    """The PyTorch net ``name`` in eval mode: ``checkpoint`` loaded strictly, or deterministic
-    random weights (``seed``) without one. Forward: float32 ``[N,3,H,W]`` normalised with the
-    net's mean and std -> ``[N,H,W]``, the official output.
+def load_depth(name: str | None, checkpoint: str | Path | None = None,
+               seed: int = 0) -> tuple[DepthNet, nn.Module]:
+    """The registered net and its PyTorch module in eval mode: ``checkpoint`` loaded strictly
+    (read from disk once), or deterministic random weights (``seed``) without one. ``name``
+    ``None``: the net the file is, else the default (DPT-Hybrid, the paper's). Forward: float32
+    ``[N,3,H,W]`` normalised with the net's mean and std -> ``[N,H,W]``, the official output.
 
     A checkpoint of another registered net is refused with one ``CheckpointError`` line naming
     the net it is; every other failure is the architecture's own one-line error.
     """
-    entry = depth_net(name)
-    family = FAMILIES[entry.family]
     if checkpoint is None:
-        return family.random(entry.config, seed).eval()
+        entry = depth_net(name or DEFAULT_DEPTH)
+        return entry, FAMILIES[entry.family].random(entry.config, seed).eval()
     path = Path(checkpoint)
-    expected = f"a {entry.title} file" + (f" such as {entry.official_file}"
-                                          if entry.official_file else "")
+    named = depth_net(name) if name else None
+    expected = (f"a {named.title} file" + (f" such as {named.official_file}"
+                                           if named.official_file else "")) if named else \
+        "a depth net file such as " + ", ".join(n.official_file for n in _NETS
+                                                if not n.test_only)
     state = read_checkpoint(path, expected)[1]
     found = identify_checkpoint(state)
+    entry = named or depth_net(found or DEFAULT_DEPTH)
     if found is not None and found != entry.name:
         other = DEPTH_NETS[found]
         raise CheckpointError(f"{path}: is a {other.title} checkpoint ({found}), not "
                               f"{entry.name}; use --depth {found}")
-    return family.load(path, entry.config).eval()
+    return entry, FAMILIES[entry.family].load(state, path, entry.config).eval()
+
+
+def load_depth_model(name: str, checkpoint: str | Path | None = None,
+                     seed: int = 0) -> nn.Module:
+    """The PyTorch net ``name`` (see ``load_depth``)."""
+    return load_depth(name, checkpoint, seed)[1]
 
 
 def checkpoint_net(checkpoint: str | Path) -> str | None:
@@ -319,7 +329,9 @@ def model_from_record(record: Mapping) -> nn.Module:
     family = FAMILIES[depth_net(record["name"]).family]
     config = family.config_type(**{k: _tuples(v) for k, v in record["config"].items()})
     if record.get("checkpoint"):
-        return family.load(Path(record["checkpoint"]), config).eval()
+        path = Path(record["checkpoint"])
+        return family.load(read_checkpoint(path, f"a {record['name']} file")[1], path,
+                           config).eval()
     return family.random(config, record.get("random_seed") or 0).eval()
 
 

@@ -269,6 +269,12 @@ class DepthAnythingV2(nn.Module):
         path = Path(path)
         state = read_checkpoint(path, "a Depth Anything V2 file such as "
                                       "depth_anything_v2_vits.pth")[1]
+        return cls.from_state_dict(state, path, config)
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor], path: Path,
+                        config: DepthAnythingConfig | None = None) -> DepthAnythingV2:
+        """``from_checkpoint`` on a state dict already read from ``path``."""
         if not is_depth_anything_state(state):
             raise CheckpointError(
                 f"{path}: not a Depth Anything V2 checkpoint (depth_anything_v2_vits.pth): "

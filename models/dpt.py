@@ -512,7 +512,12 @@ class DPT(nn.Module):
         variant) must agree with it. Every failure is a ``CheckpointError`` naming the file.
         """
         path = Path(path)
-        state = read_state_dict(path)
+        return cls.from_state_dict(read_state_dict(path), path, config)
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor], path: Path,
+                        config: DPTConfig | None = None) -> DPT:
+        """``from_midas_checkpoint`` on a state dict already read from ``path``."""
         variant = detect_variant(state, path)
         if config is None:
             config = default_dpt_config(variant)

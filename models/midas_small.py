@@ -321,6 +321,12 @@ class MidasSmall(nn.Module):
         in eval mode. Every failure is a one-line ``CheckpointError`` naming the file."""
         path = Path(path)
         state = read_checkpoint(path, "a MiDaS v2.1 Small file such as midas_v21_small_256.pt")[1]
+        return cls.from_state_dict(state, path, config)
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor], path: Path,
+                        config: MidasSmallConfig | None = None) -> MidasSmall:
+        """``from_checkpoint`` on a state dict already read from ``path``."""
         if not is_midas_small_state(state):
             raise CheckpointError(
                 f"{path}: not a MiDaS v2.1 Small checkpoint (midas_v21_small_256.pt, "

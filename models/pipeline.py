@@ -79,19 +79,19 @@ def control_tensor(value, like: torch.Tensor) -> torch.Tensor:
 class BokehPipeline(nn.Module):
     """Photo ``[N,3,H,W]`` in [0,1] -> (bokeh ``[N,3,H,W]`` in [0,1], mask ``[N,1,H,W]``)."""
 
-    def __init__(self, dpt: nn.Module, nafnet: nn.Module, dpt_size: tuple[int, int],
+    def __init__(self, depth: nn.Module, nafnet: nn.Module, depth_size: tuple[int, int],
                  mean: tuple[float, ...] = (0.5, 0.5, 0.5),
                  std: tuple[float, ...] = (0.5, 0.5, 0.5)):
         super().__init__()
-        self.dpt = dpt  # any depth net of models/depth.py: normalised [N,3,h,w] -> [N,h,w]
+        self.depth = depth  # any depth net of models/depth.py: normalised [N,3,h,w] -> [N,h,w]
         self.nafnet = nafnet
-        self.dpt_size = tuple(dpt_size)
+        self.depth_size = tuple(depth_size)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def depth_mask(self, photo: torch.Tensor) -> torch.Tensor:
         """The paper's greyscale mask M: near (high disparity) is 1, far is 0."""
-        return depth_mask(self.dpt, photo, self.dpt_size, self.mean, self.std)
+        return depth_mask(self.depth, photo, self.depth_size, self.mean, self.std)
 
     def nafnet_input(self, photo: torch.Tensor, mask: torch.Tensor, focus=None) -> torch.Tensor:
         """concat(photo, mask), the mask remapped by ``focus`` when given."""

@@ -10,17 +10,48 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SMALL_H, SMALL_W = 64, 96
-# What makes a test slow (marker `slow`; `-m 'not slow'` skips them while iterating): the
-# session-wide exports, calibration, trainer runs and torchrun. `make test` runs them all.
+# The session-wide exports: minutes each on 2 cores. A test that uses one (directly or through
+# another fixture) must carry an explicit `slow` mark, so `pytest -m 'not slow'` stays the fast
+# loop; collection fails when one is missing (docs/design.md, "Tests").
 SLOW_FIXTURES = {"fused_export", "nafnet_export", "quant_export"}
-SLOW_MODULES = {"test_calib_variants", "test_train_trainer"}
+# A switch per optional backend: set (CI sets both), a test that would skip for want of the
+# backend fails instead, so a green run proves the path ran.
+REQUIRED_BACKENDS = {"gpu": "BOKEH_REQUIRE_GPU", "litert_torch": "BOKEH_REQUIRE_LITERT_TORCH"}
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    """`full` implies `slow` (a command-line `-m 'not slow'` replaces pyproject's
+    `-m 'not full'`); a test on a session export without its `slow` mark is an error."""
+    unmarked = []
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or \
-                item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+        if item.get_closest_marker("full"):
             item.add_marker(pytest.mark.slow)
+        if SLOW_FIXTURES & set(item.fixturenames) and not item.get_closest_marker("slow"):
+            unmarked.append(item.nodeid)
+    if unmarked:
+        raise pytest.UsageError("tests on a session export need @pytest.mark.slow: "
+                                + ", ".join(unmarked))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under BOKEH_REQUIRE_GPU=1 (or BOKEH_REQUIRE_LITERT_TORCH=1) a skipped test of that backend
+    is a failure, with the skip's reason."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.skipped:
+        return
+    for marker, switch in REQUIRED_BACKENDS.items():
+        if item.get_closest_marker(marker) and os.environ.get(switch) == "1":
+            reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+            report.outcome = "failed"
+            report.longrepr = f"{switch}=1, but this {marker} test would skip: {reason}"
+
+
+def backend_required(marker: str) -> bool:
+    """True where the switch of that backend is set (see REQUIRED_BACKENDS)."""
+    return os.environ.get(REQUIRED_BACKENDS[marker]) == "1"
 
 
 @pytest.fixture(scope="session")
@@ -40,11 +71,11 @@ def fused_export(tmp_path_factory):
     """Paper-config NAFNet + tiny random DPT, exported once at 64x96 through every stage, fp32
     and fp16: NAFNet alone (nafnet_*.tflite), fused (bokeh_*.tflite) and fused with the focus
     and strength inputs (bokeh_controls_*.tflite, from the same NAFNet stages)."""
-    from export.pipeline import export
+    from export.pipeline import ExportOptions, export
 
     out = tmp_path_factory.mktemp("export")
-    report = export(out, SMALL_H, SMALL_W, dpt_variant="tiny", dpt_short_side=64,
-                    controls=True, echo=lambda s: None)
+    report = export(ExportOptions(out, SMALL_H, SMALL_W, depth="dpt-tiny", depth_short_side=64,
+                                  controls=True), echo=lambda s: None)
     return out, report
 
 

@@ -64,6 +64,7 @@ def gather_nd_model(tmp_path_factory):
                         lambda x: tf.gather_nd(x, [[0, 1], [0, 2]]), [1, 4, 4, 4])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["fp32", "fp16"])
 def test_fused_model_runs_fully_on_gpu_and_agrees_with_cpu(gpu, fused_export, variant):
     out, _ = fused_export
@@ -76,6 +77,7 @@ def test_fused_model_runs_fully_on_gpu_and_agrees_with_cpu(gpu, fused_export, va
     assert verdict["max_abs_vs_cpu"] < GPU_VS_CPU_ATOL, verdict
 
 
+@pytest.mark.slow
 def test_run_compiled_in_process_on_both_accelerators(gpu, fused_export, rng):
     out, _ = fused_export
     path = out / "nafnet_fp32.tflite"
@@ -103,6 +105,7 @@ def test_op_the_gpu_lacks_gets_a_clean_verdict(gpu, gather_nd_model):
     np.testing.assert_array_equal(run_compiled(model, [x])["Identity"], x[0, [1, 2]])
 
 
+@pytest.mark.slow
 def test_a_dying_or_hanging_gpu_process_is_a_failed_verdict(gpu, fused_export, monkeypatch):
     """The verdict holds when the native code kills or hangs its process."""
     path = fused_export[0] / "nafnet_fp32.tflite"
@@ -115,6 +118,7 @@ def test_a_dying_or_hanging_gpu_process_is_a_failed_verdict(gpu, fused_export, m
     assert verdict["status"] == "failed" and "timed out after 2 s" in verdict["reason"], verdict
 
 
+@pytest.mark.slow
 def test_no_device_is_not_tried(monkeypatch, fused_export):
     accelerator._probe_gpu.cache_clear()
     monkeypatch.setenv("VK_ICD_FILENAMES", "/nonexistent/icd.json")
@@ -141,6 +145,7 @@ def test_unsupported_ops_parses_the_native_log():
     assert unsupported_ops("nothing here") == []
 
 
+@pytest.mark.slow
 def test_bad_files_and_inputs_are_one_line_user_errors(tmp_path, fused_export):
     missing, text = tmp_path / "missing.tflite", tmp_path / "text.tflite"
     text.write_text("not a model at all")
@@ -178,6 +183,7 @@ def test_a_flex_model_gets_a_failed_verdict(gpu, tmp_path):
     assert not ok and "FlexErf" in why[0], why
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["fp32", "fp16"])
 def test_parity_on_the_gpu_accelerator(gpu, fused_export, variant, capsys):
     """`bokeh parity --accelerator gpu`: the fused model on the GPU against PyTorch (the
@@ -199,13 +205,17 @@ def test_parity_on_the_gpu_accelerator(gpu, fused_export, variant, capsys):
     assert report["parity"][f"bokeh_{variant}.tflite on GPU"]["passed"]
 
 
+@pytest.mark.slow
 def test_every_float_file_of_the_export_records_its_gpu_execution(fused_export):
     """The export ran each float file on the GPU accelerator where a device exists: the
     manifest says ran (max abs vs CPU) or, without a device, not tried and why."""
     import json
 
+    from conftest import backend_required
+
     out, report = fused_export
-    found, _ = gpu_device()
+    found, why = gpu_device()
+    assert found or not backend_required("gpu"), f"BOKEH_REQUIRE_GPU=1, but no GPU device: {why}"
     for name in ("nafnet_fp32", "bokeh_fp16", "bokeh_controls_fp32"):
         verdict = json.loads((out / f"{name}.manifest.json").read_text())["gpu_execution"]
         assert report["variants"][f"{name}.tflite"]["gpu_execution"] == verdict
@@ -216,6 +226,7 @@ def test_every_float_file_of_the_export_records_its_gpu_execution(fused_export):
             assert verdict["status"] == "not tried" and "no GPU device" in verdict["reason"]
 
 
+@pytest.mark.slow
 def test_the_ai_benchmark_bundle_carries_the_gpu_execution_verdict(fused_export, tmp_path):
     import json
 
@@ -232,6 +243,7 @@ def test_the_ai_benchmark_bundle_carries_the_gpu_execution_verdict(fused_export,
     assert bundle["gpu_execution"]["status"] in ("ran", "not tried")
 
 
+@pytest.mark.slow
 def test_inspect_says_what_the_gpu_accelerator_takes(gpu, fused_export, gather_nd_model,
                                                      capsys):
     from tools.cli import main as bokeh

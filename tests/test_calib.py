@@ -83,8 +83,8 @@ def test_export_cli_rejects_empty_calibration_folder_before_exporting(tmp_path, 
 
     empty = tmp_path / "calib"
     empty.mkdir()
-    code = main(["--out", str(tmp_path / "out"), "--height", "64", "--width", "96",
-                 "--dpt-variant", "tiny", "--dpt-short-side", "64", "--calib-dir", str(empty)])
+    code = main(["--export-dir", str(tmp_path / "out"), "--height", "64", "--width", "96",
+                 "--depth", "dpt-tiny", "--depth-short-side", "64", "--calib-dir", str(empty)])
     assert code == 2
     err = capsys.readouterr().err
     assert str(empty) in err and "no images" in err
@@ -94,5 +94,5 @@ def test_export_cli_rejects_empty_calibration_folder_before_exporting(tmp_path, 
 def test_export_rejects_unknown_quantized_variant(tmp_path, capsys):
     from tools.cli import export_main as main
 
-    assert main(["--out", str(tmp_path), "--quant-variants", "int4"]) == 2
+    assert main(["--export-dir", str(tmp_path), "--quant-variants", "int4"]) == 2
     assert "int4" in capsys.readouterr().err

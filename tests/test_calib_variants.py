@@ -12,6 +12,7 @@ from export.quantize import QUANT_VARIANTS
 from export.tflite_info import inspect_tflite
 from validate.parity import run_parity
 
+pytestmark = pytest.mark.slow  # every test here uses a session export
 
 @pytest.fixture(scope="module")
 def quant_export(fused_export, tmp_path_factory):

@@ -20,7 +20,7 @@ def _error_line(capsys) -> str:
 
 
 def test_export_missing_checkpoint(tmp_path, capsys):
-    code = export_main(["--out", str(tmp_path / "o"), "--height", "32", "--width", "32",
+    code = export_main(["--export-dir", str(tmp_path / "o"), "--height", "32", "--width", "32",
                         "--checkpoint", str(tmp_path / "nope.pth")])
     assert code == 2
     assert "nope.pth: no such checkpoint file" in _error_line(capsys)
@@ -30,7 +30,7 @@ def test_export_missing_checkpoint(tmp_path, capsys):
 def test_export_checkpoint_with_wrong_keys(tmp_path, capsys):
     sd = NAFNet(in_channels=3, out_channels=3, width=16).state_dict()
     torch.save(sd, tmp_path / "wide.pth")
-    code = export_main(["--out", str(tmp_path / "o"), "--height", "32", "--width", "32",
+    code = export_main(["--export-dir", str(tmp_path / "o"), "--height", "32", "--width", "32",
                         "--checkpoint", str(tmp_path / "wide.pth")])
     assert code == 2
     assert "wide.pth: shapes do not fit NAFNet" in _error_line(capsys)
@@ -39,15 +39,15 @@ def test_export_checkpoint_with_wrong_keys(tmp_path, capsys):
 def test_export_unwritable_output_folder(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    code = export_main(["--out", str(blocker / "sub"), "--height", "32", "--width", "32"])
+    code = export_main(["--export-dir", str(blocker / "sub"), "--height", "32", "--width", "32"])
     assert code == 2
     assert "output folder is not writable" in _error_line(capsys)
 
 
 def test_export_rejects_unknown_variant_and_opset(tmp_path, capsys):
-    assert export_main(["--out", str(tmp_path), "--variants", "int3"]) == 2
+    assert export_main(["--export-dir", str(tmp_path), "--variants", "int3"]) == 2
     assert "unknown variant 'int3'" in _error_line(capsys)
-    assert export_main(["--out", str(tmp_path), "--height", "32", "--width", "32",
+    assert export_main(["--export-dir", str(tmp_path), "--height", "32", "--width", "32",
                         "--opset", "9"]) == 2
     assert "opset 9" in _error_line(capsys)
 
@@ -57,6 +57,7 @@ def test_parity_missing_tflite(tmp_path, capsys):
     assert "x.tflite: no such TFLite file" in _error_line(capsys)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, message", [
     ("corrupt", "not a readable image"),
     ("gray", "is L, not a colour photo"),
@@ -79,6 +80,7 @@ def test_parity_bad_images(nafnet_export, tmp_path, capsys, kind, message):
     assert f"{kind}.png" in line and message in line
 
 
+@pytest.mark.slow
 def test_parity_empty_image_folder(nafnet_export, tmp_path, capsys):
     out, _ = nafnet_export
     code = validate_main(["parity", "--tflite", str(out / "nafnet_fp32.tflite"),
@@ -87,6 +89,7 @@ def test_parity_empty_image_folder(nafnet_export, tmp_path, capsys):
     assert "no images" in _error_line(capsys)
 
 
+@pytest.mark.slow
 def test_parity_wrong_checkpoint_exit_1_and_json(nafnet_export, tmp_path, capsys):
     from models.nafnet import PAPER_CONFIG, random_nafnet
 

@@ -83,6 +83,7 @@ def _photo(seed: int = 7) -> np.ndarray:
         0, 2, 3, 1).copy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["fp32", "fp16"])
 def test_tflite_defaults_equal_plain_and_controls_clamp(fused_export, variant):
     out, _ = fused_export
@@ -101,6 +102,7 @@ def test_tflite_defaults_equal_plain_and_controls_clamp(fused_export, variant):
     assert np.abs(at[0.4, 0.6]["bokeh"] - plain["bokeh"]).max() > 1e-3  # the controls act
 
 
+@pytest.mark.slow
 def test_parity_at_control_pairs_and_against_the_plain_model(fused_export):
     out, _ = fused_export
     result = run_parity(out / "bokeh_controls_fp32.tflite", num_random=1,
@@ -152,6 +154,7 @@ def test_multi_input_stages_run_by_name(tmp_path):
     np.testing.assert_allclose(got["bokeh"], 0.35, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["fp32", "fp16"])
 def test_controls_tflite_facts_and_manifest(fused_export, variant):
     out, report = fused_export
@@ -176,6 +179,7 @@ def test_controls_tflite_facts_and_manifest(fused_export, variant):
     assert "controls" not in plain and [t["name"] for t in plain["inputs"]] == ["photo"]
 
 
+@pytest.mark.slow
 def test_runtime_engine_and_ai_benchmark_with_a_controls_model(fused_export, tmp_path,
                                                                capsys):
     from tools.ai_benchmark import main as bundle_main
@@ -206,6 +210,7 @@ def _size(path) -> tuple[int, int]:
         return img.size
 
 
+@pytest.mark.slow
 def test_render_focus_at_compare_and_sweep(fused_export, photo_dir, tmp_path, capsys):
     from validate.renderers import TFLiteRenderer, focus_at
 
@@ -240,6 +245,7 @@ def test_render_focus_at_compare_and_sweep(fused_export, photo_dir, tmp_path, ca
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--focus-at", "451,10"], "--focus-at 451,10 is outside chelsea.png (451x300: X in 0..450, "
                                "Y in 0..299)"),
@@ -276,7 +282,7 @@ def test_render_refuses_bad_control_values(photo_dir, tmp_path, capsys, args, me
 def test_export_controls_needs_the_fused_model(tmp_path, capsys):
     from tools.cli import export_main
 
-    code = export_main(["--out", str(tmp_path / "o"), "--height", "64", "--width", "96",
+    code = export_main(["--export-dir", str(tmp_path / "o"), "--height", "64", "--width", "96",
                         "--controls", "--no-fuse"])
     assert code == 2
     assert "--controls needs the fused model" in capsys.readouterr().err

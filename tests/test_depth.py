@@ -184,7 +184,7 @@ def _error_line(capsys) -> str:
 def test_export_refuses_bad_depth_options_before_any_work(tmp_path, capsys, args, message):
     out = tmp_path / "out"
     try:
-        code = export_main(["--out", str(out), "--height", "64", "--width", "96", *args])
+        code = export_main(["--export-dir", str(out), "--height", "64", "--width", "96", *args])
     except SystemExit as exc:  # argparse's own error (the --depth type)
         code = exc.code
     assert code == 2
@@ -193,10 +193,24 @@ def test_export_refuses_bad_depth_options_before_any_work(tmp_path, capsys, args
 
 
 def test_export_refuses_another_nets_weights(tmp_path, capsys, tiny_files):
-    code = export_main(["--out", str(tmp_path / "out"), "--height", "64", "--width", "96",
+    code = export_main(["--export-dir", str(tmp_path / "out"), "--height", "64", "--width", "96",
                         "--depth", "depth-anything-v2-small",
-                        "--dpt-weights", str(tiny_files["midas-small-tiny"])])
+                        "--depth-weights", str(tiny_files["midas-small-tiny"])])
     assert code == 2
     assert _error_line(capsys).endswith(
         "is a MiDaS v2.1 Small (tiny test config) checkpoint (midas-small-tiny), not "
         "depth-anything-v2-small; use --depth midas-small-tiny")
+
+
+@pytest.mark.parametrize("old, new, dest, value", [
+    ("--out", "--export-dir", "export_dir", "somewhere"),
+    ("--dpt-weights", "--depth-weights", "depth_weights", "w.pt"),
+    ("--dpt-short-side", "--depth-short-side", "depth_short_side", "64"),
+])
+def test_each_old_export_option_name_is_its_new_one(old, new, dest, value):
+    """The old names are aliases at the CLI edge only: they parse into the canonical option."""
+    from tools.cli import build_export_parser
+
+    parser = build_export_parser("bokeh export")
+    assert getattr(parser.parse_args([old, value]), dest) == \
+        getattr(parser.parse_args([new, value]), dest)

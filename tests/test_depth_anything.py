@@ -266,6 +266,7 @@ def test_small_config_parity():
     assert diff <= TOLERANCE
 
 
+@pytest.mark.slow  # a TFLite conversion
 def test_tflite_builtins_only_rank_4_gpu_compatible(tmp_path, tiny_model):
     from export.tflite_info import gpu_compatibility
 

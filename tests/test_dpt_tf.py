@@ -66,6 +66,7 @@ def _tflite_ops_and_rank(flatbuffer: bytes) -> tuple[collections.Counter, int, t
     return ops, rank, interpreter
 
 
+@pytest.mark.slow  # a TFLite conversion
 def test_tflite_builtins_only_rank_4(tiny_pair):
     torch_dpt, keras_dpt = tiny_pair
     converter = tf.lite.TFLiteConverter.from_keras_model(keras_dpt)
@@ -111,6 +112,7 @@ def test_port_names_a_missing_entry():
         port_weights(build_keras_dpt(cfg, 32, 32), state, cfg)
 
 
+@pytest.mark.slow  # a TFLite conversion
 def test_port_rejects_unused_entries_and_wrong_shapes():
     cfg = tiny_dpt_config()
     state = random_dpt(cfg).state_dict()

@@ -18,6 +18,7 @@ from tests.conftest import SMALL_H, SMALL_W
 from validate.parity import run_parity
 
 
+@pytest.mark.slow
 def test_every_stage_written_with_manifest_and_report(nafnet_export):
     out, report = nafnet_export
     for name in ("nafnet.onnx", "nafnet_sim.onnx", "nafnet_mobile.onnx", "nafnet_frozen.pb",
@@ -34,6 +35,7 @@ def test_every_stage_written_with_manifest_and_report(nafnet_export):
                           "tflite-nafnet-fp32", "tflite-nafnet-fp16"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["fp32", "fp16"])
 def test_tflite_is_builtin_only_rank4(nafnet_export, variant):
     out, report = nafnet_export
@@ -44,6 +46,7 @@ def test_tflite_is_builtin_only_rank4(nafnet_export, variant):
     assert report["variants"][f"nafnet_{variant}.tflite"]["max_rank"] == 4
 
 
+@pytest.mark.slow
 def test_parity_of_every_stage_within_1e4(nafnet_export, photo_dir):
     out, _ = nafnet_export
     result = run_parity(out / "nafnet_fp32.tflite", images=photo_dir, echo=lambda s: None)
@@ -55,6 +58,7 @@ def test_parity_of_every_stage_within_1e4(nafnet_export, photo_dir):
         assert len(stage["inputs"]) == 3
 
 
+@pytest.mark.slow
 def test_fp16_variant_close_to_pytorch(nafnet_export):
     out, _ = nafnet_export
     result = run_parity(out / "nafnet_fp16.tflite", echo=lambda s: None)
@@ -63,6 +67,7 @@ def test_fp16_variant_close_to_pytorch(nafnet_export):
     assert min(r["psnr_db"] for r in tfl["inputs"]) >= 45
 
 
+@pytest.mark.slow
 def test_parity_detects_a_wrong_model(nafnet_export, tmp_path):
     """A different checkpoint must fail parity: the check can fail."""
     from models.nafnet import PAPER_CONFIG, random_nafnet
@@ -96,6 +101,7 @@ def _tflite_max_rank(onnx_path, folder):
         tflite_stage.to_tflite(frozen, spec, folder / "m.tflite")).max_rank
 
 
+@pytest.mark.slow  # a TFLite conversion
 def test_crd_to_dcr_rewrite_is_exact_and_removes_rank6(tmp_path):
     torch.manual_seed(0)
     model = _Upsampler().eval()

@@ -29,6 +29,7 @@ def _one_error_line(capsys, prog: str) -> str:
 # --- the atomic writer never deletes what it did not write -----------------------------------
 
 
+@pytest.mark.slow
 def test_parity_json_onto_a_folder_is_refused_and_the_folder_kept(nafnet_export, tmp_path,
                                                                    capsys):
     out, _ = nafnet_export
@@ -73,6 +74,7 @@ def truncated(nafnet_export, tmp_path_factory):
     return folder / "bokeh_fp32.tflite"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("verb, argv", [
     ("inspect", ["{m}"]),
     ("parity", ["--tflite", "{m}", "--tflite-only"]),
@@ -91,6 +93,7 @@ def test_truncated_tflite_is_one_line_not_a_crash(truncated, photo_dir, tmp_path
 # --- parity: nothing compared is never a PASS; a bad manifest is bad input (2), not a FAIL ---
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("count", ["0", "-3"])
 def test_parity_with_nothing_to_compare_is_exit_2(nafnet_export, capsys, count):
     out, _ = nafnet_export
@@ -101,6 +104,7 @@ def test_parity_with_nothing_to_compare_is_exit_2(nafnet_export, capsys, count):
     assert json.loads((out / "report.json").read_text()) == report  # nothing recorded
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m["inputs"][0].update(shape=[1, 8, 8, 4]), "do not match"),
     (lambda m: m.pop("tolerance"), "no 'tolerance'"),
@@ -130,6 +134,7 @@ def test_export_refuses_sizes_it_cannot_take_up_front(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_a_used_or_foreign_folder_is_refused_and_left_as_is(nafnet_export, tmp_path, capsys):
     out, _ = nafnet_export
     before = sorted(p.name for p in out.iterdir())
@@ -181,6 +186,7 @@ def test_a_new_run_replaces_the_whole_set_at_the_end(tmp_path):
     assert json.loads((out / "report.json").read_text())["run_id"] == run_id
 
 
+@pytest.mark.slow
 def test_every_manifest_of_an_export_names_its_run(nafnet_export):
     out, report = nafnet_export
     manifests = list(out.glob("*.manifest.json"))
@@ -266,6 +272,7 @@ def test_every_command_refuses_bad_values_in_one_line(argv, tmp_path, monkeypatc
     assert "Traceback" not in err and " error: " in err.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # a trainer run
 def test_trainer_refuses_a_foreign_file_as_its_newest_checkpoint(tmp_path, capsys):
     import torch
 

@@ -10,10 +10,12 @@ import torch
 
 from export.tflite_info import inspect_tflite
 from models.pipeline import normalize_per_image, resize_bilinear
+from models.reference import Reference
 from tools.cli import export_main
-from validate.parity import Reference, parity_inputs, read_manifest, run_parity
+from validate.parity import parity_inputs, read_manifest, run_parity
 
 
+@pytest.mark.slow
 def test_fused_tflite_matches_pytorch_pipeline_on_photos(fused_export, photo_dir):
     out, _ = fused_export
     result = run_parity(out / "bokeh_fp32.tflite", images=photo_dir, echo=lambda s: None)
@@ -29,6 +31,7 @@ def test_fused_tflite_matches_pytorch_pipeline_on_photos(fused_export, photo_dir
     assert "bokeh-savedmodel" in names and "bokeh-frozen-graph" in names
 
 
+@pytest.mark.slow
 def test_reference_mask_is_not_degenerate(fused_export, photo_dir):
     """Parity on a constant mask would prove little: the random DPT must give real structure."""
     out, _ = fused_export
@@ -40,6 +43,7 @@ def test_reference_mask_is_not_degenerate(fused_export, photo_dir):
         assert mask.std() > 0.05
 
 
+@pytest.mark.slow
 def test_fp16_within_45db_of_fp32(fused_export, photo_dir):
     out, _ = fused_export
     result = run_parity(out / "bokeh_fp16.tflite", images=photo_dir, echo=lambda s: None)
@@ -49,6 +53,7 @@ def test_fp16_within_45db_of_fp32(fused_export, photo_dir):
     assert min(r["psnr_db"] for r in versus["inputs"] if r["output"] == "bokeh") >= 45
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["fp32", "fp16"])
 def test_fused_variants_builtin_only_rank4_with_gpu_verdict(fused_export, variant):
     out, report = fused_export
@@ -94,8 +99,8 @@ def test_corrupt_dpt_file_clear_error_and_nothing_written(tmp_path, capsys):
     bad = tmp_path / "dpt_hybrid_384.pt"
     bad.write_bytes(b"\x00" * 100)
     out = tmp_path / "out"
-    code = export_main(["--out", str(out), "--height", "64", "--width", "96",
-                        "--dpt-weights", str(bad)])
+    code = export_main(["--export-dir", str(out), "--height", "64", "--width", "96",
+                        "--depth-weights", str(bad)])
     assert code == 2
     line = _line(capsys)
     assert "dpt_hybrid_384.pt" in line and "expected a depth net file" in line
@@ -107,8 +112,51 @@ def test_dpt_of_another_architecture(tmp_path, capsys):
 
     path = tmp_path / "not_dpt.pt"
     torch.save(NAFNet(width=8, enc_blocks=(1,), dec_blocks=(1,)).state_dict(), path)
-    code = export_main(["--out", str(tmp_path / "o"), "--height", "64", "--width", "96",
-                        "--dpt-weights", str(path)])
+    code = export_main(["--export-dir", str(tmp_path / "o"), "--height", "64", "--width", "96",
+                        "--depth-weights", str(path)])
     assert code == 2
     line = _line(capsys)
     assert "not_dpt.pt: not a MiDaS v3.0 DPT checkpoint" in line and "DPT-Hybrid" in line
+
+
+@pytest.mark.slow
+def test_parity_of_a_whole_export_dir_in_one_process(fused_export, tmp_path, capsys,
+                                                     monkeypatch):
+    """`bokeh parity --export-dir` checks every file report.json lists, records each result
+    there, and builds one PyTorch reference per (weights, depth net)."""
+    import shutil
+
+    from models import reference
+    from tools.cli import main as bokeh
+    from validate.parity import export_files
+
+    out = tmp_path / "export"
+    shutil.copytree(fused_export[0], out)
+    files = export_files(out)
+    assert {f.name for f in files} >= {"nafnet_fp32.tflite", "bokeh_fp16.tflite",
+                                       "bokeh_controls_fp32.tflite"}
+    built = []
+    original = reference.Reference.__init__
+
+    def counting(self, manifest, checkpoint=None):
+        built.append(manifest["model"])
+        original(self, manifest, checkpoint)
+
+    monkeypatch.setattr(reference.Reference, "__init__", counting)
+    assert bokeh(["parity", "--export-dir", str(out), "--num-random", "1"]) == 0
+    assert sorted(built) == ["bokeh", "nafnet"]  # one per reference, not one per file
+    assert f"{len(files)} of {len(files)} files within tolerance" in capsys.readouterr().out
+    recorded = json.loads((out / "report.json").read_text())["parity"]
+    assert set(recorded) == {f.name for f in files}
+    assert all(r["passed"] for r in recorded.values())
+
+
+def test_parity_export_dir_refuses_single_file_flags_and_foreign_folders(tmp_path, capsys):
+    from tools.cli import main as bokeh
+
+    assert bokeh(["parity", "--export-dir", str(tmp_path)]) == 2
+    assert "no report.json" in capsys.readouterr().err
+    assert bokeh(["parity", "--export-dir", str(tmp_path), "--pair", "1,1"]) == 2
+    assert "--pair: only with --tflite" in capsys.readouterr().err
+    assert bokeh(["parity", "--export-dir", str(tmp_path), "--tflite", "x.tflite"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -17,7 +17,8 @@ import pytest
 from export.pipeline import NAFNET_ARTIFACTS
 from export.tflite_info import inspect_tflite
 from models.depth import depth_net
-from validate.parity import Reference, parity_inputs, read_manifest, run_parity
+from models.reference import Reference
+from validate.parity import parity_inputs, read_manifest, run_parity
 
 SMALL_H, SMALL_W = 64, 96  # the shared export's size (conftest.py)
 
@@ -29,19 +30,20 @@ EVERY_STAGE = "depth-anything-v2-small-tiny"  # parity of the fused SavedModel a
 
 @pytest.fixture(scope="module", params=list(NETS))
 def depth_export(request, fused_export, tmp_path_factory):
-    from export.pipeline import export
+    from export.pipeline import ExportOptions, export
 
     name = request.param
     out = tmp_path_factory.mktemp(name)
-    report = export(out, SMALL_H, SMALL_W, depth=name, depth_short_side=NETS[name],
-                    variants=("fp32", "fp16"), reuse_nafnet=fused_export[0],
-                    gpu_check=False, echo=lambda s: None)
+    report = export(ExportOptions(out, SMALL_H, SMALL_W, depth=name,
+                                  depth_short_side=NETS[name], reuse_nafnet=fused_export[0],
+                                  gpu_check=False), echo=lambda s: None)
     for artifact in NAFNET_ARTIFACTS:
         path = out / artifact
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return name, out, report
 
 
+@pytest.mark.slow
 def test_fp32_matches_the_pytorch_pipeline_with_the_same_net(depth_export, photo_dir):
     name, out, _ = depth_export
     result = run_parity(out / "bokeh_fp32.tflite", images=photo_dir, echo=lambda s: None,
@@ -59,13 +61,14 @@ def test_fp32_matches_the_pytorch_pipeline_with_the_same_net(depth_export, photo
                      if name == EVERY_STAGE else ["tflite-fp32"])
 
 
+@pytest.mark.slow
 def test_reference_uses_the_net_and_its_mask_is_not_degenerate(depth_export, photo_dir):
     name, out, _ = depth_export
     manifest, _ = read_manifest(out / "bokeh_fp32.tflite")
     ref = Reference(manifest)
     net = depth_net(name)
-    assert type(ref.pipeline.dpt).__name__ in ("MidasSmall", "DepthAnythingV2")
-    assert ref.pipeline.dpt_size == (NETS[name], NETS[name] * 3 // 2)
+    assert type(ref.pipeline.depth).__name__ in ("MidasSmall", "DepthAnythingV2")
+    assert ref.pipeline.depth_size == (NETS[name], NETS[name] * 3 // 2)
     assert ref.pipeline.mean.flatten().tolist() == pytest.approx(net.mean)
     for inp in parity_inputs(manifest, photo_dir, echo=lambda s: None):
         mask = ref.run(inp.value)["bokeh"]["mask"]
@@ -73,6 +76,7 @@ def test_reference_uses_the_net_and_its_mask_is_not_degenerate(depth_export, pho
         assert mask.std() > 0.05
 
 
+@pytest.mark.slow
 def test_fp16_within_45db_of_fp32(depth_export, photo_dir):
     _, out, _ = depth_export
     result = run_parity(out / "bokeh_fp16.tflite", images=photo_dir, echo=lambda s: None,
@@ -83,6 +87,7 @@ def test_fp16_within_45db_of_fp32(depth_export, photo_dir):
     assert min(r["psnr_db"] for r in versus["inputs"] if r["output"] == "bokeh") >= 45
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["fp32", "fp16"])
 def test_builtin_only_rank4_gpu_ready_and_named_everywhere(depth_export, variant):
     name, out, report = depth_export
@@ -120,7 +125,7 @@ def full_exports(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bench_photos(tmp_path_factory):
-    from validate.bench import write_photos
+    from validate.doc import write_photos
 
     return write_photos(tmp_path_factory.mktemp("bench_photos"))
 

@@ -238,6 +238,7 @@ def test_port_names_missing_and_unused_entries(tiny_model):
                      {**state, "extra.weight": torch.zeros(1)}, cfg)
 
 
+@pytest.mark.slow  # a TFLite conversion
 def test_tflite_builtins_only_gpu_compatible(tmp_path, tiny_model):
     h, w = 64, 96
     keras_model = keras_midas_small_from_torch(tiny_model, h, w)

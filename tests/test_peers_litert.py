@@ -16,10 +16,11 @@ H, W = 64, 96
 SMALL = dict(in_channels=4, out_channels=3, width=8, enc_blocks=(1, 1, 1, 1), middle_blocks=1,
              dec_blocks=(1, 1, 1, 1))
 
-pytestmark = pytest.mark.skipif(
+# A conversion in a second environment: slow; under BOKEH_REQUIRE_LITERT_TORCH=1 the skip fails.
+pytestmark = [pytest.mark.slow, pytest.mark.litert_torch, pytest.mark.skipif(
     not (VENV / ".installed").is_file(),
     reason=f"{VENV.name} is not installed (`make litert-torch-env` makes it: litert-torch 0.10.0, "
-           "about 2 GB)")
+           "about 2 GB)")]
 
 
 @pytest.fixture(scope="module")

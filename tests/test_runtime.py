@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from export.runner import RUNTIMES
 from validate.cli import main as validate_main
 from validate.profile import delegate_coverage
 from validate.runtime import EngineSpec, measure_memory, plan_engines, read_export
 
 
+@pytest.mark.slow
 def test_export_has_no_transpose_and_one_xnnpack_partition(nafnet_export):
     out, report = nafnet_export
     for variant in ("fp32", "fp16"):
@@ -20,6 +23,7 @@ def test_export_has_no_transpose_and_one_xnnpack_partition(nafnet_export):
     assert report["rewrites"]["channels_last"] > 0
 
 
+@pytest.mark.slow
 def test_litert_and_tensorflow_interpreters_agree(nafnet_export):
     """Both interpreters run the same file; XNNPACK versions differ, the math must not."""
     import numpy as np
@@ -35,6 +39,7 @@ def test_litert_and_tensorflow_interpreters_agree(nafnet_export):
     assert np.abs(tf_out - lite_out).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_plan_has_every_engine(nafnet_export):
     out, _ = nafnet_export
     manifest, folder = read_export(out / "nafnet_fp32.tflite")
@@ -46,6 +51,7 @@ def test_plan_has_every_engine(nafnet_export):
     assert {s.runtime for s in specs if s.kind == "tflite"} == set(RUNTIMES)
 
 
+@pytest.mark.slow
 def test_runtime_command_writes_table_json_png(nafnet_export, tmp_path, capsys):
     out, _ = nafnet_export
     code = validate_main(["runtime", "--tflite", str(out / "nafnet_fp32.tflite"), "--runs", "1",
@@ -66,6 +72,7 @@ def test_runtime_command_writes_table_json_png(nafnet_export, tmp_path, capsys):
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_memory_probe_in_fresh_process(nafnet_export):
     out, _ = nafnet_export
     tflite = out / "nafnet_fp32.tflite"
@@ -73,6 +80,7 @@ def test_memory_probe_in_fresh_process(nafnet_export):
     assert result.get("peak_mib") is not None and result["peak_mib"] > 0, result
 
 
+@pytest.mark.slow
 def test_runtime_bad_input_exit_2(nafnet_export, tmp_path, capsys):
     out, _ = nafnet_export
     assert validate_main(["runtime", "--tflite", str(tmp_path / "x.tflite")]) == 2
@@ -87,6 +95,7 @@ def test_runtime_bad_input_exit_2(nafnet_export, tmp_path, capsys):
     assert len(err) == 1 and "--runtime" in err[0]
 
 
+@pytest.mark.slow
 def test_peers_needs_an_export_and_runs_any_layout(nafnet_export, tmp_path, capsys):
     from validate import peers
 
@@ -131,6 +140,7 @@ def test_profile_counts_conv_dense_and_attention_work(tmp_path):
     assert macs["BATCH_MATMUL"] == 2 * 40 * 40 * 5
 
 
+@pytest.mark.slow
 def test_peers_table_has_every_interpreter(nafnet_export, tmp_path, capsys):
     """The whole bench-peers path, with a copy of our file standing in for onnx2tf's output
     (a converted file newer than the ONNX is reused, so no onnx2tf run is needed)."""
@@ -159,6 +169,7 @@ def test_peers_table_has_every_interpreter(nafnet_export, tmp_path, capsys):
     assert "| converter (file) | MB | ops | top ops | TRANSPOSE |" in text
 
 
+@pytest.mark.slow
 def test_peers_without_litert_torch_env_exit_2(nafnet_export, tmp_path, capsys):
     from validate import peers
 

@@ -25,6 +25,7 @@ def _error_line(capsys) -> str:
     return err[0]
 
 
+@pytest.mark.slow
 def test_fp16_gpu_bundle(fused_export, tmp_path, capsys):
     out, _ = fused_export
     bundle = tmp_path / "bundle"
@@ -51,6 +52,7 @@ def test_fp16_gpu_bundle(fused_export, tmp_path, capsys):
         assert words in readme, words
 
 
+@pytest.mark.slow
 def test_parity_from_report_and_cpu_bundle(fused_export, tmp_path):
     """The parity entry `validate parity` writes into report.json lands in the bundle."""
     out, _ = fused_export

@@ -16,6 +16,7 @@ def tiny(tmp_path_factory):
     return {"flex": flex_tflite(folder), "dynamic": dynamic_tflite(folder)}
 
 
+@pytest.mark.slow
 def test_report_of_fused_fp16(fused_export, capsys):
     out, _ = fused_export
     assert main([str(out / "bokeh_fp16.tflite")]) == 0
@@ -27,6 +28,7 @@ def test_report_of_fused_fp16(fused_export, capsys):
         assert line in text, line
 
 
+@pytest.mark.slow
 def test_json_report(fused_export, capsys):
     out, _ = fused_export
     assert main([str(out / "bokeh_fp32.tflite"), "--json", "--largest", "2"]) == 0

@@ -61,6 +61,7 @@ def test_metrics_and_classical_render(rng):
     np.testing.assert_allclose(out[:, -2:], a[:, -2:], atol=0.05)  # the focused side is sharp
 
 
+@pytest.mark.slow
 def test_quality_table(fused_export, ebb, tmp_path, capsys):
     import torch
 
@@ -99,6 +100,7 @@ def test_table_without_lpips():
     assert text.endswith("LPIPS: unavailable (no --lpips-weights)")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, message", [
     ("gray", "is L, not a colour photo"),
     ("rgba", "has an alpha channel"),

@@ -36,6 +36,7 @@ def test_letterbox_round_trip():
     np.testing.assert_allclose(canvas[where.top - 1], canvas[where.top + 1])
 
 
+@pytest.mark.slow
 def test_tflite_render_with_compare(fused_export, photo_dir, tmp_path, capsys):
     out, _ = fused_export
     thin = tmp_path / "in" / "thin.png"
@@ -61,6 +62,7 @@ def test_tflite_render_with_compare(fused_export, photo_dir, tmp_path, capsys):
     assert np.abs(a - b).max() <= 1
 
 
+@pytest.mark.slow
 def test_refuses_nafnet_alone_and_corrupt_tflite(fused_export, photo_dir, tmp_path, capsys):
     out, _ = fused_export
     photo = str(photo_dir / "chelsea.png")
@@ -73,6 +75,7 @@ def test_refuses_nafnet_alone_and_corrupt_tflite(fused_export, photo_dir, tmp_pa
     assert "bad.tflite: not a readable TFLite model" in _error_line(capsys)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, message", [
     ("missing", "no such image file"),
     ("corrupt", "not a readable image"),
@@ -104,12 +107,12 @@ def test_pytorch_needs_real_depth_unless_allowed(photo_dir, tmp_path, capsys):
     photo = str(photo_dir / "chelsea.png")
     assert main([photo, "--checkpoint", str(ckpt), "--out", str(tmp_path / "o")]) == 2
     assert "--checkpoint needs --depth-weights" in _error_line(capsys)
-    code = main([photo, "--checkpoint", str(ckpt), "--allow-random-dpt", "--size", "64x96",
+    code = main([photo, "--checkpoint", str(ckpt), "--allow-random-depth", "--size", "64x96",
                  "--compare", "--out", str(tmp_path / "o")])
     assert code == 0
     assert "RANDOM depth net" in capsys.readouterr().out
     assert _size(tmp_path / "o" / "chelsea_bokeh.png") == (451, 300)
     assert (tmp_path / "o" / "chelsea_compare.png").is_file()
-    assert main([photo, "--checkpoint", str(tmp_path / "nope.pth"), "--allow-random-dpt",
+    assert main([photo, "--checkpoint", str(tmp_path / "nope.pth"), "--allow-random-depth",
                  "--out", str(tmp_path / "o")]) == 2
     assert "nope.pth: no such checkpoint file" in _error_line(capsys)

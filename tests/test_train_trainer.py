@@ -13,6 +13,8 @@ import torch
 from models.nafnet import load_nafnet
 from train import trainer
 
+pytestmark = pytest.mark.slow  # trainer runs and torchrun
+
 TINY = json.dumps(dict(width=4, enc_blocks=[1, 1], middle_blocks=1, dec_blocks=[1, 1]))
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -160,6 +160,17 @@ def depth_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _old_depth_name(depth: str | None, dpt_variant: str | None) -> str | None:
+    """--depth, or its old spelling --dpt-variant (hybrid, large, tiny); both: they must agree."""
+    from models.depth import depth_net
+
+    old = depth_net(dpt_variant).name if dpt_variant else None
+    if depth and old and depth != old:
+        raise UserError(f"--depth {depth} and --dpt-variant {old} disagree "
+                        "(--dpt-variant is the old name of --depth); give one")
+    return depth or old
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
@@ -170,37 +181,31 @@ def export_main(argv: list[str] | None = None, prog: str = "bokeh export") -> in
 
     def body() -> int:
         from calibration.dataset import calibration_set
-        from export.pipeline import check_size, export
+        from export.pipeline import ExportOptions, export
         from export.tflite_stage import FlexOpsRequired
-        from export.variants import check_names
 
-        check_size(args.height, args.width)
-        quant = check_names(() if args.no_fuse else _names(args.quant_variants), True)
-        check_names(_names(args.variants), False)
+        options = ExportOptions(
+            out_dir=args.export_dir, height=args.height, width=args.width,
+            checkpoint=args.checkpoint, depth=_old_depth_name(args.depth, args.dpt_variant),
+            depth_weights=args.depth_weights, depth_short_side=args.depth_short_side,
+            fuse=not args.no_fuse, controls=args.controls, variants=_names(args.variants),
+            quant_variants=() if args.no_fuse else _names(args.quant_variants),
+            opset=args.opset, allow_flex=args.allow_flex, seed=args.seed,
+            overwrite=args.overwrite, gpu_check=not args.no_gpu_check,
+            allow_depth_mismatch=args.allow_depth_mismatch)
         calibration = None
-        if args.controls and args.no_fuse:
-            raise UserError("--controls needs the fused model (the depth mask is computed in "
-                            "the graph); drop --no-fuse")
-        if quant:  # before the long stages, so a bad folder fails at once
+        if options.quant_variants:  # before the long stages, so a bad folder fails at once
             calibration = calibration_set(args.height, args.width, args.calib_samples,
                                           args.calib_dir)
         try:
-            export(
-                out_dir=args.export_dir, height=args.height, width=args.width,
-                checkpoint=args.checkpoint, depth=args.depth, depth_weights=args.depth_weights,
-                dpt_variant=args.dpt_variant, depth_short_side=args.depth_short_side,
-                fuse=not args.no_fuse, controls=args.controls,
-                variants=_names(args.variants), quant_variants=quant,
-                calibration=calibration, opset=args.opset, allow_flex=args.allow_flex,
-                seed=args.seed, overwrite=args.overwrite, gpu_check=not args.no_gpu_check,
-                allow_depth_mismatch=args.allow_depth_mismatch,
-            )
+            export(options, calibration)
         except FlexOpsRequired as exc:
             print(f"{prog}: error: {exc}. Re-run with --allow-flex to keep it.",
                   file=sys.stderr)
             return 1
         model = "nafnet" if args.no_fuse else "bokeh"
-        print(f"Next: bokeh parity --tflite {args.export_dir}/{model}_fp32.tflite")
+        print(f"Next: bokeh parity --export-dir {args.export_dir}   (every file)\n"
+              f"      bokeh parity --tflite {args.export_dir}/{model}_fp32.tflite")
         if args.controls:
             print(f"      bokeh parity --tflite {args.export_dir}/bokeh_controls_fp32.tflite")
         return 0
@@ -217,8 +222,7 @@ def variants_main(argv: list[str] | None = None, prog: str = "bokeh variants") -
         "each, what it keeps in float and why, the tolerance its manifest carries, and which are "
         "written by default.")
     p.add_argument("--defaults", choices=("float", "quantized"),
-                   help="print only the default variants of that kind, comma-separated (what "
-                        "the Makefile passes)")
+                   help="print only the default variants of that kind, comma-separated")
     p.add_argument("--names", choices=("float", "quantized"),
                    help="print every exported variant of that kind, space-separated")
     args = p.parse_args(argv)

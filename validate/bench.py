@@ -10,57 +10,27 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from common.cli import positive_int, run_command
-from common.files import read_json, write_bytes, write_json
+from common.files import read_json, write_json
 from export.runner import RUNTIMES, runtime_label
+from validate.doc import cpu_name, publish_section, write_photos
 from validate.runtime import Runner, onnx_engine, tflite_engine, time_interleaved, torch_engine
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def update_section(doc: Path, key: str, body: str) -> None:
-    """Replace (or append) the section between <!-- bench:key --> markers."""
-    start, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else (
-        text.rstrip() + "\n\n" + block + "\n")
-    write_bytes(doc, text.encode())
-
-
-def publish_section(doc: str | Path, key: str, body: str) -> None:
-    """Print a benchmark section and write it into its marked place in ``doc``."""
-    print(body)
-    update_section(Path(doc), key, body)
-    print(f"Updated {doc} (section {key})")
 
 
 def ensure_export(out: Path, height: int, width: int) -> dict:
     """The fused export's fp32 manifest at this size, exporting first when there is none."""
-    from export.pipeline import export
+    from export.pipeline import ExportOptions, export
 
     manifest_path = out / "bokeh_fp32.manifest.json"
     manifest = read_json(manifest_path) if manifest_path.is_file() else None
     if manifest is None or (manifest["height"], manifest["width"]) != (height, width):
         print(f"No fused {height}x{width} export in {out}: exporting first (replacing any).")
-        export(out, height, width, overwrite=True)
+        export(ExportOptions(out, height, width, overwrite=True))
         manifest = read_json(manifest_path)
     return manifest
 
@@ -99,7 +69,7 @@ def _header(title: str, command: str, manifest: dict, runs: int) -> list[str]:
 
 
 def bench_nafnet(out: Path, manifest: dict, threads: int, runs: int, command: str) -> str:
-    from validate.parity import reference_model
+    from models.reference import reference_model
 
     height, width = manifest["height"], manifest["width"]
     engines = {
@@ -130,24 +100,14 @@ def tflite_engines(out: Path, model: str, variants: tuple[str, ...],
     return by_file
 
 
-class _BokehOnly(torch.nn.Module):
-    """The reference pipeline with one output, so the timer treats it like any engine."""
-
-    def __init__(self, pipeline: torch.nn.Module):
-        super().__init__()
-        self.pipeline = pipeline
-
-    def forward(self, photo: torch.Tensor) -> torch.Tensor:
-        return self.pipeline(photo)[0]
-
-
 def bench_fused(out: Path, manifest: dict, threads: int, runs: int, command: str,
                 photos: Path | None) -> str:
-    from validate.parity import reference_pipeline, run_parity
+    from models.reference import BokehOutput, reference_pipeline
+    from validate.parity import run_parity
 
     height, width = manifest["height"], manifest["width"]
     engines = {"PyTorch reference pipeline (DPT + NAFNet)": torch_engine(
-        _BokehOnly(reference_pipeline(manifest)), threads)}
+        BokehOutput(reference_pipeline(manifest)), threads)}
     by_file = tflite_engines(out, "bokeh", ("fp32", "fp16"), threads)
     for same_file in by_file.values():
         engines.update(same_file)
@@ -190,20 +150,6 @@ def _interpreters_agree(stats: dict[str, dict], same_file: list[list[str]]) -> s
         return "Only one TFLite interpreter was timed."
     return (f"The interpreters on the same file and input (first output): max abs diff "
             f"{max(diffs):.1e}.")
-
-
-def write_photos(folder: Path) -> Path:
-    """The five scikit-image photos the fused parity goal names, as PNG files."""
-    import imageio.v3 as iio
-    import skimage.data
-
-    folder.mkdir(parents=True, exist_ok=True)
-    photos = {name: getattr(skimage.data, name)() for name in ("astronaut", "coffee", "chelsea",
-                                                               "rocket")}
-    photos["motorcycle_left"] = skimage.data.stereo_motorcycle()[0]  # the left view
-    for name, image in photos.items():
-        iio.imwrite(folder / f"{name}.png", image)
-    return folder
 
 
 def main(argv: list[str] | None = None, prog: str = "bokeh bench") -> int:

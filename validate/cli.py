@@ -41,8 +41,13 @@ def parity_parser(prog: str = "validate parity") -> argparse.ArgumentParser:
         f"  {prog} --tflite build/export/bokeh_fp32.tflite\n"
         f"  {prog} --tflite build/export/bokeh_fp16.tflite --images ~/photos --tflite-only\n"
         f"  {prog} --tflite build/export/nafnet_fp32.tflite --json parity.json\n"
-        f"  {prog} --tflite build/export/bokeh_controls_fp32.tflite --pair 1,1 --pair 0.3,0.6")
-    par.add_argument("--tflite", required=True, help="a .tflite written by bokeh export")
+        f"  {prog} --tflite build/export/bokeh_controls_fp32.tflite --pair 1,1 --pair 0.3,0.6\n"
+        f"  {prog} --export-dir build/export   # every file report.json lists, one process")
+    what = par.add_mutually_exclusive_group(required=True)
+    what.add_argument("--tflite", help="a .tflite written by bokeh export")
+    what.add_argument("--export-dir", help="every .tflite the folder's report.json lists, each "
+                                           "with its manifest's tolerance: all stages for the "
+                                           "fp32 files, the file alone for the others")
     par.add_argument("--checkpoint", help="PyTorch weights (default: those in the manifest)")
     par.add_argument("--images", help="folder of photos (resized/cropped to the model's size); "
                                       "default: seeded random inputs")
@@ -83,11 +88,12 @@ def parity_main(argv: list[str] | None = None, prog: str = "validate parity") ->
     def body() -> int:
         from common.files import check_writable_file, write_json
         from export.manifest import control_inputs, read_manifest
-        from export.report import record_parity
         from validate.parity import CONTROL_PAIRS, format_table, run_parity
 
         if args.json:
             check_writable_file(args.json)
+        if args.export_dir:
+            return export_dir_parity()
         manifest, folder = read_manifest(args.tflite)
         if args.pair and not control_inputs(manifest):
             raise UserError(f"--pair: {Path(args.tflite).name} takes no focus or strength "
@@ -100,11 +106,40 @@ def parity_main(argv: list[str] | None = None, prog: str = "validate parity") ->
         print(format_table(result))
         if args.json:
             write_json(args.json, result)
-        report = folder / manifest.get("report", "report.json")
-        if report.is_file() and not args.checkpoint and not record_parity(report, manifest,
-                                                                           result):
-            print(f"note: {report} belongs to another export run; result not recorded there")
+        if not args.checkpoint:
+            record(result, manifest, folder)
         return 0 if result["passed"] else 1
+
+    def record(result: dict, manifest: dict, folder: Path) -> None:
+        from export.report import record_parity
+
+        report = folder / manifest.get("report", "report.json")
+        if report.is_file() and not record_parity(report, manifest, result):
+            print(f"note: {report} belongs to another export run; result not recorded there")
+
+    def export_dir_parity() -> int:
+        from common.files import write_json
+        from export.manifest import read_manifest
+        from validate.parity import check_export, format_table
+
+        given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--atol", args.atol),
+                                          ("--tflite-only", args.tflite_only),
+                                          ("--pair", args.pair),
+                                          ("--accelerator", args.accelerator != "cpu")) if value]
+        if given:
+            raise UserError(f"{', '.join(given)}: only with --tflite (one file); --export-dir "
+                            "checks each file with its manifest's settings")
+        results = check_export(args.export_dir, args.images, args.num_random)
+        for result in results:
+            print(format_table(result))
+            tflite = Path(args.export_dir) / result["tflite"]
+            record(result, *read_manifest(tflite))
+        failed = [r["tflite"] for r in results if not r["passed"]]
+        if args.json:
+            write_json(args.json, {"export_dir": str(args.export_dir), "results": results})
+        print(f"{len(results) - len(failed)} of {len(results)} files within tolerance"
+              + (f"; outside: {', '.join(failed)}" if failed else ""))
+        return 1 if failed else 0
 
     return run_command(prog, body)
 
@@ -189,15 +224,19 @@ def quality_parser(prog: str = "validate quality") -> argparse.ArgumentParser:
               "DIR/original/NAME.jpg and DIR/bokeh/NAME.jpg). Prints a Markdown table "
               "Model | PSNR | SSIM | LPIPS. Exit 0, or 2 on bad input.",
         f"  {prog} --data EBB/Val294 --tflite build/export/bokeh_fp32.tflite\n"
-        f"  {prog} --data EBB/Val294 --checkpoint nafnet.pt --dpt-weights dpt_hybrid_384.pt")
+        f"  {prog} --data EBB/Val294 --checkpoint nafnet.pt --depth-weights dpt_hybrid_384.pt")
     qual.add_argument("--data", required=True, help="paired folder (original/ and bokeh/)")
     qual.add_argument("--tflite", action="append", default=[],
                       help="fused bokeh_*.tflite to score (repeat for several variants); the "
                            "PyTorch row then uses the first one's weights and size")
     qual.add_argument("--checkpoint", help="NAFNet checkpoint for the PyTorch row")
-    qual.add_argument("--dpt-weights", help="MiDaS DPT file, with --checkpoint and no --tflite")
-    qual.add_argument("--allow-random-dpt", action="store_true",
-                      help="with --checkpoint and no --dpt-weights: random depth (meaningless)")
+    qual.add_argument("--depth-weights", "--dpt-weights", dest="depth_weights", metavar="FILE",
+                      help="a depth net's file, with --checkpoint and no --tflite "
+                           "(--dpt-weights is the old name)")
+    qual.add_argument("--allow-random-depth", "--allow-random-dpt", dest="allow_random_depth",
+                      action="store_true",
+                      help="with --checkpoint and no --depth-weights: random depth (meaningless; "
+                           "--allow-random-dpt is the old name)")
     qual.add_argument("--lpips-weights", nargs="+", metavar="FILE",
                       help="local LPIPS weights: torchvision AlexNet (features.*) and the LPIPS "
                            "v0.1 heads (lin0-4), one file or several; without: LPIPS n/a")
@@ -215,8 +254,8 @@ def quality_main(argv: list[str] | None = None, prog: str = "validate quality") 
 
         if args.json:
             check_writable_file(args.json)
-        result = evaluate(args.data, args.tflite, args.checkpoint, args.dpt_weights,
-                          args.allow_random_dpt, args.limit, args.lpips_weights)
+        result = evaluate(args.data, args.tflite, args.checkpoint, args.depth_weights,
+                          args.allow_random_depth, args.limit, args.lpips_weights)
         print(format_table(result))
         if args.json:
             write_json(args.json, result)

@@ -37,7 +37,7 @@ def ensure_depth_exports(root: Path, height: int, width: int, nets: tuple[str, .
                          echo: Callable[[str], None] = print) -> dict[str, Path]:
     """``root/NAME`` holding a fused export of each net at this size (fp32, fp16), exporting
     what is missing; NAFNet's conversion is done once and reused."""
-    from export.pipeline import NAFNET_ARTIFACTS, export
+    from export.pipeline import NAFNET_ARTIFACTS, ExportOptions, export
     from models.depth import depth_record_of
 
     folders: dict[str, Path] = {}
@@ -54,8 +54,8 @@ def ensure_depth_exports(root: Path, height: int, width: int, nets: tuple[str, .
         else:
             echo(f"{name}: exporting at {height}x{width} to {out}"
                  + (f" (NAFNet reused from {source})" if source else ""))
-            export(out, height, width, depth=name, variants=("fp32", "fp16"), overwrite=True,
-                   reuse_nafnet=source, echo=echo)
+            export(ExportOptions(out, height, width, depth=name, overwrite=True,
+                                 reuse_nafnet=source), echo=echo)
         folders[name] = out
         if source is None and all((out / a).exists() for a in NAFNET_ARTIFACTS):
             source = out
@@ -73,8 +73,7 @@ def time_net(folder: Path, name: str, threads: int, runs: int,
              echo: Callable[[str], None] = print) -> dict[str, dict]:
     """One interleaved group: NAFNet alone and the fused fp32 file in each interpreter, and the
     PyTorch reference pipeline with the same net, on one seeded photo."""
-    from validate.bench import _BokehOnly
-    from validate.parity import reference_pipeline
+    from models.reference import BokehOutput, reference_pipeline
     from validate.runtime import tflite_engine, time_interleaved, torch_engine
 
     manifest = read_json(folder / "bokeh_fp32.manifest.json")
@@ -93,7 +92,7 @@ def time_net(folder: Path, name: str, threads: int, runs: int,
     for runtime in RUNTIMES:
         engines[f"fused/{runtime}"] = tflite_engine(folder / "bokeh_fp32.tflite", threads,
                                                     runtime=runtime)
-    engines["torch"] = torch_engine(_BokehOnly(reference_pipeline(manifest)), threads)
+    engines["torch"] = torch_engine(BokehOutput(reference_pipeline(manifest)), threads)
     echo(f"{name}: {len(engines)} engines, {runs} interleaved round(s) after one warm-up, "
          f"{threads} threads ...")
     load = os.getloadavg()[0]
@@ -163,7 +162,7 @@ def measure(root: Path, height: int, width: int, threads: int = 2, runs: int = 1
 
 def _nafnet_params(folder: Path) -> int:
     """NAFNet's parameter count, from its PyTorch model (the manifest's config and weights)."""
-    from validate.parity import reference_model
+    from models.reference import reference_model
 
     model = reference_model(read_json(folder / "nafnet_fp32.manifest.json"))
     return sum(p.numel() for p in model.parameters())
@@ -192,7 +191,7 @@ def verdicts(result: dict) -> list[str]:
 
 
 def markdown(result: dict, command: str) -> str:
-    from validate.bench import cpu_name
+    from validate.doc import cpu_name
 
     h, w, threads = result["height"], result["width"], result["threads"]
     tf_label, lite_label = (runtime_label(r) for r in RUNTIMES)

@@ -26,8 +26,7 @@ from common.images import fit_to_size, list_images, load_rgb
 from common.metrics import psnr
 from export.manifest import TOLERANCE, control_inputs, read_manifest
 from export.runner import TFLiteRunner
-from models.nafnet import load_nafnet, random_nafnet
-from models.pipeline import BokehPipeline
+from models.reference import Reference, reference_key
 
 # (focus, strength) pairs a controls model is checked at: the defaults (the plain model's
 # output), far focus, and two in-between settings.
@@ -50,72 +49,6 @@ def with_controls(inputs: list[ParityInput], pairs) -> list[ParityInput]:
     return [ParityInput(f"{i.label} f={f:g} s={s:g}", i.value,
                         {"focus": float(f), "strength": float(s)})
             for i in inputs for f, s in pairs]
-
-
-def control_arrays(controls: dict[str, float]) -> dict[str, np.ndarray]:
-    """Control values as the model's ``[1,1,1,1]`` float32 inputs."""
-    return {k: np.full((1, 1, 1, 1), v, np.float32) for k, v in controls.items()}
-
-
-def reference_model(manifest: dict, checkpoint: str | Path | None = None) -> torch.nn.Module:
-    """The PyTorch NAFNet the export came from: --checkpoint, else the manifest's weights."""
-    weights = manifest.get("weights", {})
-    path = checkpoint or weights.get("checkpoint")
-    if path:
-        return load_nafnet(path, manifest.get("nafnet_config"))
-    return random_nafnet(manifest["nafnet_config"], weights.get("random_seed") or 0)
-
-
-def reference_pipeline(manifest: dict, checkpoint: str | Path | None = None) -> BokehPipeline:
-    """The PyTorch reference of a fused export: the depth net its manifest names (an old
-    export's ``dpt`` record too), its NAFNet, the depth net's input size and normalisation."""
-    from models.depth import depth_record_of, model_from_record
-
-    depth = depth_record_of(manifest)
-    return BokehPipeline(model_from_record(depth), reference_model(manifest, checkpoint),
-                         tuple(depth["input_size"]), tuple(depth["mean"]),
-                         tuple(depth["std"])).eval()
-
-
-class Reference:
-    """PyTorch outputs, NHWC, for both roles a stage can play: NAFNet alone or the fused model."""
-
-    def __init__(self, manifest: dict, checkpoint: str | Path | None = None):
-        self.kind = manifest["model"]
-        self._mask: tuple[np.ndarray, torch.Tensor] | None = None  # last photo and its mask
-        if self.kind == "nafnet":
-            self.nafnet = reference_model(manifest, checkpoint)
-        elif self.kind == "bokeh":
-            self.pipeline = reference_pipeline(manifest, checkpoint)
-            self.nafnet = self.pipeline.nafnet
-        else:
-            raise UserError(f"no PyTorch reference for model kind {self.kind!r}")
-
-    @torch.no_grad()
-    def run(self, x: np.ndarray,
-            controls: dict[str, float] | None = None) -> dict[str, dict[str, np.ndarray]]:
-        """Per role, the stage input and the expected named outputs for one parity input;
-        with ``controls`` (focus, strength) the fused model's input is a dict of named arrays
-        and NAFNet's input carries the focus-remapped mask."""
-        t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-        if self.kind == "nafnet":
-            return {"nafnet": {"input": x, "output": _nhwc(self.nafnet(t))}}
-        if self._mask is None or self._mask[0] is not x:  # one depth pass per photo
-            self._mask = (x, self.pipeline.depth_mask(t))
-        mask = self._mask[1]
-        controls = controls or {}
-        nafnet_in = self.pipeline.nafnet_input(t, mask, controls.get("focus"))
-        nafnet_out = self.nafnet(nafnet_in)
-        bokeh = self.pipeline.finish(t, nafnet_out, controls.get("strength"))
-        return {
-            "nafnet": {"input": _nhwc(nafnet_in), "output": _nhwc(nafnet_out)},
-            "bokeh": {"input": {"photo": x, **control_arrays(controls)} if controls else x,
-                      "bokeh": _nhwc(bokeh), "mask": _nhwc(mask)},
-        }
-
-
-def _nhwc(t: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.numpy().transpose(0, 2, 3, 1))
 
 
 def _named(x: np.ndarray | dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
@@ -293,6 +226,7 @@ def run_parity(
     tflite_only: bool = False,
     control_pairs=CONTROL_PAIRS,
     accelerator: str = "cpu",
+    reference: Reference | None = None,
 ) -> dict:
     """Diff every stage present against PyTorch; the result says per stage whether it passed.
 
@@ -301,13 +235,14 @@ def run_parity(
     its defaults, is also compared with the plain model beside it (fp32 tolerance: equal).
     With ``accelerator="gpu"`` the TFLite file runs on LiteRT's GPU accelerator, checked against
     PyTorch with the manifest's tolerance and against the same file on the CPU within
-    ``GPU_VS_CPU`` (docs/design.md, section 9).
+    ``GPU_VS_CPU`` (docs/design.md, section 9). ``reference``: a PyTorch reference already
+    built for this manifest (``check_export`` shares one between files).
     """
     if accelerator not in ("cpu", "gpu"):
         raise UserError(f"unknown accelerator {accelerator!r}; choose cpu or gpu")
     tflite = Path(tflite)
     manifest, folder = read_manifest(tflite)
-    reference = Reference(manifest, checkpoint)
+    reference = reference or Reference(manifest, checkpoint)
     inputs = parity_inputs(manifest, images, num_random, echo=echo)
     defaults = control_inputs(manifest)
     if defaults:
@@ -375,6 +310,42 @@ def run_parity(
         "max_abs_diff": last["max_abs_diff"],
         "summary": _summary(last),
     }
+
+
+def export_files(folder: str | Path) -> list[Path]:
+    """The .tflite files an export's report.json lists as written (not the variants it
+    recorded as unsupported), fp32 files first."""
+    from common.files import read_json
+
+    folder = Path(folder)
+    report_path = folder / "report.json"
+    if not report_path.is_file():
+        raise UserError(f"{folder}: no report.json (not a folder written by bokeh export)")
+    report = read_json(report_path)
+    names = [name for name, entry in report.get("variants", {}).items()
+             if "unsupported" not in entry and (folder / name).is_file()]
+    if not names:
+        raise UserError(f"{report_path}: lists no .tflite file that is present")
+    return sorted((folder / n for n in names), key=lambda p: (not p.stem.endswith("_fp32"), p.name))
+
+
+def check_export(folder: str | Path, images: str | Path | None = None, num_random: int = 1,
+                 echo: Callable[[str], None] = print) -> list[dict]:
+    """Parity of every file of an export, each with its manifest's tolerance, in one process:
+    one PyTorch reference per (weights, depth net); every stage for the fp32 files, the file
+    alone (and against its fp32 sibling) for the others."""
+    references: dict[str, Reference] = {}
+    results = []
+    for tflite in export_files(folder):
+        manifest, _ = read_manifest(tflite)
+        key = reference_key(manifest)
+        if key not in references:
+            references[key] = Reference(manifest)
+        echo(f"Parity of {tflite} against PyTorch:")
+        results.append(run_parity(tflite, images=images, num_random=num_random, echo=echo,
+                                  tflite_only=manifest.get("variant") != "fp32",
+                                  reference=references[key]))
+    return results
 
 
 def _summary(stage: dict) -> str:

@@ -80,7 +80,7 @@ def _run(args) -> int:
             paths.append(build_prefix(sim, k, out, shape))
     if args.build_only:
         return 0
-    from validate.parity import reference_model
+    from models.reference import reference_model
 
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
     engines = {"PyTorch eager": torch_engine(reference_model(manifest), args.threads)}

@@ -277,7 +277,7 @@ def bench_peers(export: Path, peers: Path, venv: Path, threads: int, runs: int,
                 fused: bool = True) -> dict:
     """NAFNet: ours, onnx2tf, litert-torch (and ``baseline``); the fused model, where the export
     has one: ours against litert-torch's conversion of the PyTorch reference pipeline."""
-    from validate.parity import reference_model, reference_pipeline
+    from models.reference import reference_model, reference_pipeline
 
     manifest = read_json(export / "nafnet_fp32.manifest.json")
     shape = manifest["inputs"][0]["shape"]
@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None, prog: str = "bokeh peers") -> int:
     p.add_argument("--runs", type=positive_int, default=5)
     p.add_argument("--doc", default="docs/benchmarks.md", help="markdown to update")
     args = p.parse_args(argv)
-    from validate.bench import publish_section
+    from validate.doc import publish_section
 
     def body() -> int:
         export = Path(args.export_dir)

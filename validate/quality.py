@@ -65,8 +65,8 @@ def evaluate(
     data: str | Path,
     tflites: Sequence[str | Path] = (),
     checkpoint: str | Path | None = None,
-    dpt_weights: str | Path | None = None,
-    allow_random_dpt: bool = False,
+    depth_weights: str | Path | None = None,
+    allow_random_depth: bool = False,
     limit: int | None = None,
     lpips_weights: Sequence[str | Path] | None = None,
     echo: Callable[[str], None] = print,
@@ -88,7 +88,7 @@ def evaluate(
     if tflites:
         reference = ReferenceRenderer(tflites[0], checkpoint)
     elif checkpoint:
-        reference = TorchRenderer(checkpoint, dpt_weights, allow_random_dpt)
+        reference = TorchRenderer(checkpoint, depth_weights, allow_random_depth)
     else:
         raise UserError("nothing to score: give --checkpoint and/or --tflite")
     engines = [TFLiteRenderer(t) for t in tflites]

@@ -93,42 +93,35 @@ class TorchRenderer:
     """The PyTorch reference pipeline: a NAFNet checkpoint and a depth net's file
     (models/depth.py: ``depth`` names the net, by default the one the file is)."""
 
-    def __init__(self, checkpoint: str | Path, dpt_weights: str | Path | None = None,
-                 allow_random_dpt: bool = False, size: tuple[int, int] | None = None,
-                 dpt_short_side: int | None = None, depth: str | None = None):
-        from models.depth import (
-            checkpoint_net,
-            depth_input_size,
-            depth_net,
-            load_depth_model,
-        )
+    def __init__(self, checkpoint: str | Path, depth_weights: str | Path | None = None,
+                 allow_random_depth: bool = False, size: tuple[int, int] | None = None,
+                 depth_short_side: int | None = None, depth: str | None = None):
+        from models.depth import depth_input_size, depth_net, load_depth
         from models.nafnet import load_nafnet
 
-        if dpt_weights is None and not allow_random_dpt:
+        if depth_weights is None and not allow_random_depth:
             raise UserError("--checkpoint needs --depth-weights (a depth net's file such as "
                             "dpt_hybrid_384.pt or midas_v21_small_256.pt): with a random depth "
                             "net the render is meaningless; --allow-random-depth to render "
                             "anyway")
         name = depth_net(depth).name if depth else None
         if name:  # a bad short side fails before anything is loaded
-            depth_input_size(name, 1024, 1024, dpt_short_side)
+            depth_input_size(name, 1024, 1024, depth_short_side)
         self.nafnet = load_nafnet(checkpoint)
         if self.nafnet.config["in_channels"] != 4:
             raise UserError(f"{checkpoint}: NAFNet takes {self.nafnet.config['in_channels']} "
                             "channels; the bokeh pipeline feeds it photo + mask (4)")
         self.warnings = []
-        if dpt_weights is not None:
-            name = name or checkpoint_net(dpt_weights) or "dpt-hybrid"
-            self.depth = load_depth_model(name, dpt_weights)
+        if depth_weights is not None:
+            self.net, self.depth = load_depth(name, depth_weights)
         else:
-            name = name or "dpt-tiny"
-            self.depth = load_depth_model(name)
-            self.warnings.append(f"RANDOM depth net {name} (--allow-random-depth): the mask "
-                                 "and the render are meaningless")
-        self.net = depth_net(name)
-        depth_input_size(name, 1024, 1024, dpt_short_side)
+            self.net, self.depth = load_depth(name or "dpt-tiny")
+            self.warnings.append(f"RANDOM depth net {self.net.name} (--allow-random-depth): the "
+                                 "mask and the render are meaningless")
+        name = self.net.name
+        depth_input_size(name, 1024, 1024, depth_short_side)
         self.size = size  # None: each photo at its own size
-        self.short_side = dpt_short_side
+        self.short_side = depth_short_side
         self.label = f"PyTorch {Path(checkpoint).name} + {name}"
         self.has_controls = True
 
@@ -174,7 +167,7 @@ class ReferenceRenderer:
     """The PyTorch reference of a fused export, at the export's static size."""
 
     def __init__(self, tflite: str | Path, checkpoint: str | Path | None = None):
-        from validate.parity import reference_pipeline
+        from models.reference import reference_pipeline
 
         manifest, _ = read_manifest(tflite)
         if manifest["model"] != "bokeh":

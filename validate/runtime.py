@@ -192,28 +192,23 @@ def _torch_reference(manifest: dict, threads: int) -> Runner:
     """PyTorch eager, with its thread count set on every call (torch's is process-wide).
 
     NAFNet alone: the generator. The fused model (kind "bokeh"): the PyTorch reference pipeline
-    (DPT, mask, NAFNet) from ``validate.parity.reference_pipeline``, timed up to its bokeh output.
+    (depth net, mask, NAFNet) from ``models.reference``, timed up to its bokeh output.
     """
-    from validate import parity
+    from models.reference import BokehOutput, reference_model, reference_pipeline
 
     if manifest["model"] == "nafnet":
-        run = torch_engine(parity.reference_model(manifest), threads)
-    elif manifest["model"] == "bokeh" and hasattr(parity, "reference_pipeline"):
-        pipeline = parity.reference_pipeline(manifest).eval()
-
-        def run(x: np.ndarray) -> np.ndarray:
-            bokeh, _mask = pipeline(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1,
-                                                                                       2))))
-            return bokeh.numpy().transpose(0, 2, 3, 1)
+        model = reference_model(manifest)
+    elif manifest["model"] == "bokeh":
+        model = BokehOutput(reference_pipeline(manifest))
     else:
         from common.errors import UserError
 
         raise UserError(f"no PyTorch reference for model kind {manifest['model']!r}")
+    run = torch_engine(model, threads)
 
     def timed(x: np.ndarray) -> np.ndarray:
         torch.set_num_threads(threads)
-        with torch.inference_mode():
-            return run(x)
+        return run(x)
 
     return timed
 
