@@ -12,6 +12,7 @@ floors come from). A model missing from a variant's tolerance is never written i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from common.errors import UserError
 
@@ -23,6 +24,7 @@ class Variant:
     keeps_float: str  # what stays in float, and why
     tolerance: dict  # model -> output -> {"atol": x} and/or {"min_psnr": dB}
     default: bool  # written by `bokeh export` unless the user names other variants
+    delegate: str = "cpu"  # the AI Benchmark app's delegate for it: cpu, gpu or nnapi
     calibrated: bool = False  # needs a representative dataset (calibration/)
     made_by: str = "bokeh export"
 
@@ -40,7 +42,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("fp16", "a phone GPU (the TFLite GPU delegate, fp16)",
             "activations: fp16 weights, computed in fp16 on the GPU, dequantized on the CPU",
             {"nafnet": {"output": {"atol": 2e-2, "min_psnr": 45.0}},
-             "bokeh": {"bokeh": {"min_psnr": 45.0}, "mask": {"atol": 5e-2}}}, default=True),
+             "bokeh": {"bokeh": {"min_psnr": 45.0}, "mask": {"atol": 5e-2}}}, default=True,
+            delegate="gpu"),
     Variant("drq", "the phone CPU, int8 weights (dynamic range: hybrid kernels)",
             "activations (quantized on the fly per op; weights int8 per channel), and per depth "
             "net the layers measured to cost the accuracy (export/quantize.py SENSITIVE_LAYERS; "
@@ -52,7 +55,7 @@ VARIANTS: tuple[Variant, ...] = (
             "depth-anything-v2-small: the attention BATCH_MATMUL and SOFTMAX); every other "
             "tensor is int8, ranges from the calibration",
             {"bokeh": {"bokeh": {"min_psnr": 30.0}, "mask": {"min_psnr": 20.0}}},
-            default=True, calibrated=True),
+            default=True, calibrated=True, delegate="nnapi"),
     Variant("int8-mixed", "the phone CPU's int8 kernels, the depth mask kept accurate",
             "as int8, plus the whole depth net (SENSITIVE_LAYERS): the per-photo min-max "
             "stretches its int8 error over the whole mask; opt-in until measured at 1024x1536 "
@@ -106,6 +109,18 @@ def check_names(requested: tuple[str, ...], quantized: bool) -> tuple[str, ...]:
             raise UserError(f"{flag}: unknown variant {name!r}; expected some of "
                             f"{', '.join(allowed)}")
     return requested
+
+
+def variant_of(tflite: str | Path) -> str | None:
+    """The variant a file's manifest names (``None``: no manifest, or none of the table's)."""
+    import json
+
+    path = Path(tflite).with_suffix(".manifest.json")
+    try:
+        name = json.loads(path.read_text()).get("variant")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if name in BY_NAME else None
 
 
 def describe(name: str) -> str:

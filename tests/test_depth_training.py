@@ -118,11 +118,11 @@ def test_mismatch_allowed_is_said(trained, tmp_path):
 
 @pytest.mark.slow
 def test_export_follows_the_checkpoint_without_a_flag(trained, tmp_path):
-    from export.pipeline import export
+    from export.pipeline import ExportOptions, export
 
     root, weights, _ = trained
-    report = export(tmp_path / "e", 64, 96, checkpoint=root / "run" / "nafnet.pt",
-                    variants=("fp32",), gpu_check=False, echo=lambda s: None)
+    report = export(ExportOptions(tmp_path / "e", 64, 96, checkpoint=root / "run" / "nafnet.pt",
+                                  variants=("fp32",), gpu_check=False), echo=lambda s: None)
     manifest = json.loads((tmp_path / "e" / "bokeh_fp32.manifest.json").read_text())
     assert manifest["depth"]["name"] == "midas-small-tiny"
     assert manifest["depth"]["checkpoint"] == str(weights.resolve())
