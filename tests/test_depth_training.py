@@ -40,6 +40,7 @@ def trained(tmp_path_factory):
             "--batch-size", "2", "--epochs1", "1", "--epochs2", "0", "--nafnet-config",
             TINY_NAFNET, "--out", str(root / "run"), "--no-tensorboard", "--no-progress",
             "--samples", "1", "--device", "cpu"]
+    assert trainer.main([*args, "--depth", "midas-small-tiny", "--max-steps", "2"]) == 0
     return root, weights, args
 
 
@@ -75,11 +76,11 @@ def test_cache_mask_is_the_fused_graphs_mask(trained):
 
 def test_trainer_records_the_cache_net_and_refuses_another(trained, capsys):
     root, _, args = trained
-    assert trainer.main([*args, "--depth", "dpt-tiny"]) == 2
+    capsys.readouterr()
+    assert trainer.main([*args, "--depth", "dpt-tiny", "--out", str(root / "run2")]) == 2
     err = capsys.readouterr().err.strip()
     assert "midas-small-tiny" in err and "dpt-tiny" in err
-    assert not (root / "run" / "nafnet.pt").exists()
-    assert trainer.main([*args, "--depth", "midas-small-tiny", "--max-steps", "2"]) == 0
+    assert not (root / "run2" / "nafnet.pt").exists()
     saved = torch.load(root / "run" / "nafnet.pt", weights_only=True)
     assert saved["depth"]["name"] == "midas-small-tiny"
     assert saved["depth"]["weights_sha256"] == json.loads(
@@ -89,10 +90,8 @@ def test_trainer_records_the_cache_net_and_refuses_another(trained, capsys):
 def test_export_refuses_another_net_in_one_line(trained, tmp_path, capsys):
     from tools.cli import export_main
 
-    root, _, args = trained
+    root, _, _ = trained
     ckpt = root / "run" / "nafnet.pt"
-    if not ckpt.exists():
-        assert trainer.main([*args, "--depth", "midas-small-tiny", "--max-steps", "2"]) == 0
     capsys.readouterr()
     assert export_main(["--checkpoint", str(ckpt), "--depth", "dpt-tiny", "--height", "64",
                         "--width", "96", "--export-dir", str(tmp_path / "x"),
