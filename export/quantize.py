@@ -209,7 +209,8 @@ def write_quant_variants(frozen: Path, io_spec: dict, variants: tuple[str, ...],
     from models.depth import depth_net, depth_record_of
 
     family = depth_net(depth_record_of(manifest_base)["name"]).family
-    (log.out_dir / CALIBRATED).unlink(missing_ok=True)  # new data: calibrate afresh, once
+    if any(variant_entry(v).calibrated for v in variants):  # new data: calibrate afresh, once
+        (log.out_dir / CALIBRATED).unlink(missing_ok=True)
     entries = {}
     for variant in variants:
         tflite = log.out_dir / f"bokeh_{variant}.tflite"
