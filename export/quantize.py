@@ -74,7 +74,8 @@ def output_names(model: bytes) -> list[str]:
     """The output tensor name of every op of a .tflite (the names denylists match)."""
     interpreter = quiet_tensorflow().lite.Interpreter(model_content=model)
     tensors = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
-    return [tensors[op["outputs"][0]] for op in interpreter._get_ops_details() if op["outputs"]]
+    return [tensors[op["outputs"][0]] for op in interpreter._get_ops_details()
+            if len(op["outputs"])]
 
 
 def _matches(patterns: tuple[str, ...]) -> Callable[[str], bool]:
