@@ -125,8 +125,8 @@ def read_json(path: str | Path) -> dict:
 
 def human_bytes(n: float) -> str:
     """1536 -> '1.5 kB': sizes as a person reads them."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")

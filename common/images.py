@@ -10,6 +10,7 @@ calibration instead cover the size and centre-crop (``fit_to_size``).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def load_rgb(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise UserError(f"{path}: no such image file")
     try:
-        with Image.open(path) as raw:
+        with _open_quietly(path) as raw:
             raw.load()
             img = ImageOps.exif_transpose(raw)
             mode = img.mode
@@ -45,6 +46,21 @@ def load_rgb(path: str | Path) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise UserError(f"{path}: not a readable image ({exc})") from None
     return arr
+
+
+def _open_quietly(path: Path) -> Image.Image:
+    """``Image.open`` without Pillow's DecompressionBombWarning: a photo between its warning and
+    error limits is read (the commands bound the memory they need), and its raw warning, once
+    per read, tells the user nothing to act on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of a photo as stored, from its header (a photo ``load_rgb`` checked)."""
+    with _open_quietly(Path(path)) as img:
+        return img.height, img.width
 
 
 def list_images(folder: str | Path) -> list[Path]:

@@ -24,8 +24,11 @@ def _float64(x) -> np.ndarray:
 
 
 def psnr(reference, output) -> float:
-    """PSNR in dB of two images (arrays or tensors) with values in [0, 1], capped at PSNR_CAP."""
+    """PSNR in dB of two images (arrays or tensors) with values in [0, 1], capped at PSNR_CAP;
+    NaN when either holds a non-finite value."""
     mse = float(np.mean((_float64(reference) - _float64(output)) ** 2))
+    if not math.isfinite(mse):  # NaN or inf in an image: no PSNR (min() would say the cap)
+        return math.nan
     return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(1.0 / mse))
 
 

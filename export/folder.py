@@ -4,6 +4,8 @@ complete export and swaps the whole set in at the end, so the folder never mixes
 - Each run has an id, recorded in report.json and in every manifest it writes.
 - A folder that already holds an export is replaced only with ``overwrite`` (`make export` passes
   it); a non-empty folder that holds something else is refused, never emptied.
+- A run holds a lock on the folder from start to end (common/ownership.py, ``folder_lock``): a
+  second run into the same folder refuses in one line naming the first one's process id.
 - A run that fails leaves the last complete export as it was; its own files go to
   ``failed-run/`` with report.txt saying why. A run that was killed leaves a staging folder and
   temporary files named after its process id: the next run removes them once that process is
@@ -67,6 +69,13 @@ def previous_run(out: Path) -> dict | None:
     except UserError:
         return None
     return data if isinstance(data, dict) and ("run_id" in data or "stages" in data) else None
+
+
+def export_around(path: str | Path) -> Path | None:
+    """The export folder ``path`` is or lies in (None: none): other commands' ``--out`` must
+    not add files among an export's own."""
+    path = Path(path).resolve()
+    return next((p for p in (path, *path.parents) if previous_run(p) is not None), None)
 
 
 def check(out_dir: str | Path, overwrite: bool) -> Path:

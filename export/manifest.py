@@ -37,6 +37,7 @@ DESCRIPTIONS = {
                           "photo; 1 = the paper's model, 0 = the photo; clamped to [0, 1] in "
                           "the graph"},
 }
+FLOAT_VARIANTS = ("fp32", "fp16")  # what the fp16-arithmetic verdict evaluates
 REQUIRED = ("model", "variant", "inputs", "outputs", "stages", "tolerance")
 
 
@@ -69,14 +70,28 @@ def gpu_execution(tflite: Path, check: bool) -> dict:
     return gpu_execution_verdict(tflite)
 
 
+def fp16_arithmetic(tflite: Path, variant: str, base: dict) -> dict:
+    """The fp16-arithmetic verdict of a float file (export/arith.py: what a phone GPU computing
+    in fp16 makes of it, on one seeded random input; controls at their defaults); quantized
+    files are not evaluated."""
+    if variant not in FLOAT_VARIANTS:
+        return {"policy": "fp16", "passed": None,
+                "not_evaluated": f"{variant} is a quantized file (float files only)"}
+    from export.arith import fp16_verdict
+
+    defaults = {name: float(c["default"]) for name, c in (base.get("controls") or {}).items()}
+    return fp16_verdict(tflite, defaults)
+
+
 def write_manifest(tflite: Path, variant: str, base: dict, extra: dict | None = None,
                    gpu_check: bool = False) -> dict:
     """Write ``tflite``'s manifest (``base`` plus what the file itself says); return the
     report.json summary of the file. ``gpu_check`` runs it on the GPU accelerator when a GPU
-    device is found."""
+    device is found; a float file also gets its fp16-arithmetic verdict."""
     descriptions = DESCRIPTIONS[base["model"]]
     info = inspect_tflite(tflite)
-    summary = {**variant_summary(info), "gpu_execution": gpu_execution(tflite, gpu_check)}
+    summary = {**variant_summary(info), "gpu_execution": gpu_execution(tflite, gpu_check),
+               "fp16_arithmetic": fp16_arithmetic(tflite, variant, base)}
     manifest = {
         **base, "variant": variant, "tflite": tflite.name,
         "inputs": [_io_entry(t, descriptions.get(t["name"], ""), base.get("controls"))
@@ -85,7 +100,8 @@ def write_manifest(tflite: Path, variant: str, base: dict, extra: dict | None = 
         "tolerance": TOLERANCE[base["model"]][variant], "variant_info": describe(variant),
         "flex_ops": info.flex_ops, "max_rank": info.max_rank,
         "gpu_compatible": summary["gpu_compatible"], "gpu_reasons": summary["gpu_messages"],
-        "gpu_execution": summary["gpu_execution"], **(extra or {}),
+        "gpu_execution": summary["gpu_execution"],
+        "fp16_arithmetic": summary["fp16_arithmetic"], **(extra or {}),
     }
     write_json(manifest_path(tflite), manifest)
     return summary
@@ -131,7 +147,29 @@ def read_manifest(tflite: str | Path) -> tuple[dict, Path]:
     _check_tolerance(path, manifest)
     if not tflite.stem.endswith("_flex"):
         _check_io(path, manifest, tflite)
+    _check_kind(path, manifest)
     return manifest, path.parent
+
+
+# What each model kind takes: its main input's name and channels.
+KIND_INPUT = {"nafnet": ("input", 4), "bokeh": ("photo", 3)}
+
+
+def _check_kind(path: Path, manifest: dict) -> None:
+    """The kind the manifest names takes what that kind takes (a photo, or photo + mask, and
+    the controls); otherwise a command would build the wrong PyTorch reference and fail deep
+    inside it."""
+    kind = manifest["model"]
+    main, channels = KIND_INPUT[kind]
+    try:
+        inputs = {t["name"]: list(t["shape"]) for t in manifest["inputs"]}
+    except (TypeError, KeyError):
+        raise UserError(f"{path}: malformed 'inputs' entries (name, shape expected)") from None
+    controls = set(manifest.get("controls") or {}) if kind == "bokeh" else set()
+    shape = inputs.get(main)
+    if shape is None or len(shape) != 4 or shape[-1] != channels or set(inputs) - {main} - controls:
+        raise UserError(f"{path}: says model {kind!r}, which takes {main} [1,H,W,{channels}], "
+                        f"but lists inputs {inputs}; it does not describe this file")
 
 
 def _check_tolerance(path: Path, manifest: dict) -> None:

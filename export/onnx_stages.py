@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -50,11 +51,13 @@ def simplify(src: str | Path, dest: str | Path) -> Path:
     return Path(dest)
 
 
-def rewrite(src: str | Path, dest: str | Path) -> tuple[Path, dict[str, int]]:
-    """Apply every exact mobile rewrite; return the artifact and how often each pass fired."""
+def rewrite(src: str | Path, dest: str | Path, passes: Sequence[Callable] = PASSES
+            ) -> tuple[Path, dict[str, int]]:
+    """Apply every exact mobile rewrite (or ``passes``, e.g. ``rewrites.NAIVE_FP16_PASSES``);
+    return the artifact and how often each pass fired."""
     model = onnx.load(str(src))
     counts = {}
-    for rewrite_pass in PASSES:
+    for rewrite_pass in passes:
         model, counts[rewrite_pass.__name__] = rewrite_pass(model)
     onnx.checker.check_model(model)
     with atomic_path(dest) as tmp:

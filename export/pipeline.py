@@ -17,13 +17,17 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
+from common.limits import check_memory
+from common.ownership import folder_lock
 from common.quiet import quiet_tensorflow
 from export import folder, onnx_stages, tf_stages, tflite_stage
+from export.arith import verdict_line
 from export.manifest import MANIFEST_FORMAT, write_manifest
 from export.quantize import write_quant_variants
 from export.report import StageLog, banner, summary_text, write_report
 from export.variants import check_names
 from models.nafnet import PAPER_CONFIG, load_nafnet, random_nafnet
+from models.nafnet import activation_bytes as nafnet_activation_bytes
 
 RANDOM_WEIGHTS_WARNING = (
     "NO CHECKPOINT GIVEN: NAFNet has deterministic RANDOM weights (seed {seed}). The files prove "
@@ -124,6 +128,8 @@ def check_size(height: int, width: int) -> None:
         near = f"{max(16, round(height / 16) * 16)}x{max(16, round(width / 16) * 16)}"
         raise UserError(f"size {height}x{width}: height and width must be multiples of 16 "
                         f"(NAFNet downsamples 4 times), at least 16; e.g. {near}")
+    check_memory(f"size {height}x{width}", nafnet_activation_bytes(PAPER_CONFIG, height, width),
+                 "choose a smaller --height and --width")
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,7 @@ class ExportOptions:
     ``depth_short_side`` its input short side (default: the net's own). ``fuse``: also the fused
     depth net + NAFNet model (photo in); ``controls``: the fused model once more with ``focus``
     and ``strength`` inputs (export/fuse.py) as ``bokeh_controls_{variant}.tflite``.
-    ``quant_variants`` (of ``QUANT_VARIANTS``) are written for the fused model only.
+    ``quant_variants`` (export/variants.py) are written for the fused model only.
     ``overwrite``: replace another export in ``out_dir`` (export/folder.py). ``gpu_check``: run
     every float file once on LiteRT's GPU accelerator where a device is found.
     ``reuse_nafnet``: an export folder of the same NAFNet (weights, size, opset) whose ONNX,
@@ -179,7 +185,7 @@ class ExportOptions:
             raise UserError(f"opset {self.opset} is outside 12-15, the range onnx-tf 1.10 "
                             "converts")
         if self.controls and not self.fuse:
-            raise UserError("controls need the fused model (the depth mask is computed in the "
+            raise UserError("--controls needs the fused model (the depth mask is computed in the "
                             "graph); drop --no-fuse")
         if self.fuse and self.depth:  # a bad name or short side fails before anything loads
             from models.depth import depth_input_size, depth_net
@@ -223,8 +229,16 @@ class ExportRun:
                 tflite = exc.flex_path
             if self.options.gpu_check:
                 self.log.echo(f"  .. {tflite.name}: running it on the GPU accelerator")
-            self.report["variants"][tflite.name] = write_manifest(
-                tflite, variant, manifest_base, gpu_check=self.options.gpu_check)
+            summary = write_manifest(tflite, variant, manifest_base,
+                                     gpu_check=self.options.gpu_check)
+            self.report["variants"][tflite.name] = summary
+            fp16 = summary["fp16_arithmetic"]
+            if fp16["passed"] is False:  # a verdict like the GPU one: recorded, said loudly
+                self.log.echo(banner(f"{tflite.name}: {verdict_line(fp16)}: a phone GPU "
+                                     "computing in fp16 will not reproduce this model "
+                                     "(docs/design.md, section 12)"))
+            else:
+                self.log.echo(f"  .. {tflite.name}: {verdict_line(fp16)}")
 
     def write_fused(self, prefix: str, fused, nafnet_stages: list[dict], base: dict,
                     note: str) -> tuple[Path, dict, dict]:
@@ -278,7 +292,8 @@ def export(options: ExportOptions, calibration=None,
     model (photo in), every stage and TFLite variant, NHWC; return the report.
 
     ``calibration`` (calibration.dataset.calibration_set) is what the quantized variants are
-    calibrated on. The run owns ``options.out_dir`` (export/folder.py): refused if it holds
+    calibrated on. The run owns ``options.out_dir`` (export/folder.py): it holds a lock on it
+    for the whole run (a second run refuses, naming this one's process), refused if it holds
     another export and ``overwrite`` is off; the new set replaces the old one only when every
     stage succeeded. Raises ``UserError`` for bad input and ``tflite_stage.FlexOpsRequired`` when
     a variant needs Flex ops and ``allow_flex`` is off (the Flex file is kept in
@@ -287,42 +302,58 @@ def export(options: ExportOptions, calibration=None,
     o = options
     if o.fuse and o.quant_variants and calibration is None:
         raise UserError("quantized variants need calibration data (calibration_set)")
-    folder.check(o.out_dir, o.overwrite)  # before loading anything: a bad folder fails at once
-    model, weights = load_generator(o.checkpoint, o.seed)
-    warnings = [RANDOM_WEIGHTS_WARNING.format(seed=o.seed)] if o.checkpoint is None else []
-    if o.fuse:
-        depth, depth_weights, short_side = follow_checkpoint(
-            weights, o.depth, o.depth_weights, o.depth_short_side, o.seed,
-            o.allow_depth_mismatch, warnings)
-        o = dataclasses.replace(o, depth=depth, depth_weights=depth_weights,
-                                depth_short_side=short_side)
-    config = dict(model.config)
-    reuse = None if o.reuse_nafnet is None else _reusable_nafnet(o, weights, config)
-    record = depth_model = None
-    if o.fuse:
-        from models.depth import depth_input_size, depth_net
-
-        depth_model, record = load_depth_net(o.depth_weights, o.depth, o.seed)
-        net = depth_net(record["name"])
-        depth_size = depth_input_size(net.name, o.height, o.width, o.depth_short_side)
-        record["input_size"] = list(depth_size)
-        if o.depth_weights is None:
-            warnings.append(RANDOM_DEPTH_WARNING.format(
-                name=net.name, title=net.title, seed=o.seed, file=net.official_file or "FILE"))
-    run = ExportRun(o, {"nafnet_config": config, "weights": weights, "depth": record},
-                    warnings, echo)
-    for w in warnings:
-        echo(banner(w))
-    try:
-        echo(f"Exporting NAFNet{tuple(config['enc_blocks'])} width {config['width']} at "
-             f"{o.height}x{o.width} to {run.out}/ (run {run.run_id})")
-        nafnet_stages, saved = _nafnet_stages(run, model, reuse)
+    with folder_lock(o.out_dir, "export"):  # a second run into the folder refuses at once
+        folder.check(o.out_dir, o.overwrite)  # before loading anything: a bad folder fails at once
+        model, weights = load_generator(o.checkpoint, o.seed)
+        warnings = [RANDOM_WEIGHTS_WARNING.format(seed=o.seed)] if o.checkpoint is None else []
         if o.fuse:
-            _fused_files(run, net, depth_model, depth_size, saved, nafnet_stages, calibration)
-    except BaseException as exc:
-        run.fail(exc)
-        raise
-    return run.finish()
+            depth, depth_weights, short_side = follow_checkpoint(
+                weights, o.depth, o.depth_weights, o.depth_short_side, o.seed,
+                o.allow_depth_mismatch, warnings)
+            o = dataclasses.replace(o, depth=depth, depth_weights=depth_weights,
+                                    depth_short_side=short_side)
+        config = dict(model.config)
+        reuse = None if o.reuse_nafnet is None else _reusable_nafnet(o, weights, config)
+        record = depth_model = None
+        if o.fuse:
+            from models.depth import depth_input_size, depth_net
+
+            depth_model, record = load_depth_net(o.depth_weights, o.depth, o.seed)
+            net = depth_net(record["name"])
+            depth_size = depth_input_size(net.name, o.height, o.width, o.depth_short_side)
+            record["input_size"] = list(depth_size)
+            if o.depth_weights is None:
+                warnings.append(RANDOM_DEPTH_WARNING.format(
+                    name=net.name, title=net.title, seed=o.seed, file=net.official_file or "FILE"))
+        _check_memory(config, o.height, o.width, record)
+        run = ExportRun(o, {"nafnet_config": config, "weights": weights, "depth": record},
+                        warnings, echo)
+        for w in warnings:
+            echo(banner(w))
+        try:
+            echo(f"Exporting NAFNet{tuple(config['enc_blocks'])} width {config['width']} at "
+                 f"{o.height}x{o.width} to {run.out}/ (run {run.run_id})")
+            nafnet_stages, saved = _nafnet_stages(run, model, reuse)
+            if o.fuse:
+                _fused_files(run, net, depth_model, depth_size, saved, nafnet_stages, calibration)
+        except BaseException as exc:
+            run.fail(exc)
+            raise
+        return run.finish()
+
+
+def _check_memory(config: dict, height: int, width: int, depth: dict | None) -> None:
+    """Before building anything: refuse sizes whose largest tensors alone exceed the memory
+    this machine has (docs/design.md, section 10), instead of being killed halfway."""
+    from models.depth import activation_bytes
+
+    what, estimate = f"an export at {height}x{width}", nafnet_activation_bytes(config, height,
+                                                                               width)
+    if depth is not None:
+        h, w = depth["input_size"]
+        what += f" with {depth['name']} at {h}x{w}"
+        estimate += activation_bytes(depth["name"], h, w)
+    check_memory(what, estimate, "choose a smaller --height, --width or --depth-short-side")
 
 
 def _nafnet_stages(run: ExportRun, model, reuse: Path | None) -> tuple[list[dict], Path]:

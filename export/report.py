@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.files import human_bytes, read_json, write_bytes, write_json
+from export.arith import verdict_line
 
 
 @dataclass
@@ -79,6 +80,11 @@ def summary_text(report: dict) -> str:
             f"GPU delegate: {'compatible' if v['gpu_compatible'] else 'ISSUES'}"
             + (f", GPU execution: {gpu_execution_line(v['gpu_execution'])}"
                if "gpu_execution" in v else ""))
+    for name, v in report["variants"].items():
+        if v.get("fp16_arithmetic") and "not_evaluated" not in v["fp16_arithmetic"]:
+            fp16 = v["fp16_arithmetic"]
+            lines.append(f"  {'FP16 ARITHMETIC FAIL ' if fp16['passed'] is False else ''}"
+                         f"{name}: {verdict_line(fp16)}")
     for name, v in report.get("gpu_execution", {}).items():
         lines.append(f"  GPU execution {name}: {gpu_execution_line(v)}")
     for name, p in report.get("parity", {}).items():
@@ -102,7 +108,9 @@ def record_parity(report_path: str | Path, manifest: dict, result: dict) -> bool
     if report.get("run_id") != manifest.get("run_id"):
         return False
     on_gpu = result.get("accelerator") == "gpu"
-    report.setdefault("parity", {})[result["tflite"] + (" on GPU" if on_gpu else "")] = result
+    key = result["tflite"] + (" on GPU" if on_gpu else "") + (
+        f" in {result['arithmetic']['policy']} arithmetic" if result.get("arithmetic") else "")
+    report.setdefault("parity", {})[key] = result
     if on_gpu:  # the GPU-execution verdict, beside the analyzer's
         vs_cpu = next(s for s in result["stages"] if s["stage"].endswith(" vs CPU"))
         errors = [r["error"] for r in vs_cpu["inputs"] if "error" in r]

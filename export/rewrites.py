@@ -253,6 +253,121 @@ def square_as_mul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return _finish(model, g, set(), changed)
 
 
+# A power of two: scaling by it is exact in fp32. NAFNet's LayerNorms centre up to 128 channels;
+# with the residual stream at 2^-4 of its value, (x - mean)^2 stays finite in fp16 for
+# |x - mean| < 4096 (a stream near |x| = 500 reaches ~1000), and squares of centred values near
+# 1 stay normal fp16 numbers.
+STREAM_SCALE = 2.0 ** -4
+
+
+def _layer_norms(g: _Graph) -> dict[str, tuple[onnx.NodeProto, onnx.NodeProto]] | None:
+    """LayerNorm input -> (its ``Sub(x, ReduceMean(x))``, the ``Add(variance, eps)``), for every
+    channel LayerNorm of the exporter's pattern; None if one has an unexpected shape."""
+    norms = {}
+    for sub in g.graph.node:
+        mean = g.producers.get(sub.input[1]) if sub.op_type == "Sub" else None
+        if mean is None or mean.op_type != "ReduceMean" or mean.input[0] != sub.input[0] \
+                or list(_attr(mean, "axes", [])) not in ([1], [-3]):
+            continue
+        square = next((u for u in g.users[sub.output[0]] if u.op_type in ("Pow", "Mul")), None)
+        var = g.sole_user(square.output[0]) if square is not None else None
+        add = g.sole_user(var.output[0]) if var is not None else None
+        if add is None or add.op_type != "Add" or _split_operands(g, add) is None:
+            return None
+        norms[sub.input[0]] = (sub, add)
+    return norms
+
+
+def residual_stream_scaled(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Carry NAFNet's residual stream at ``STREAM_SCALE`` times its value, in the weights alone.
+
+    A phone GPU stores LayerNorm's ``(x - mean)^2`` in fp16, which overflows past
+    |x - mean| = 256 (docs/design.md, section 13); a trained NAFNet's stream passes that. The
+    stream is every tensor a LayerNorm reads and what makes it: the residual Adds, ``intro``,
+    ``downs``, ``ups`` (conv + DepthToSpace). Scaling ``intro``'s weights and bias, the ``beta``/
+    ``gamma`` Muls and the biases of the convs inside the stream by ``S`` scales every stream
+    value by ``S``; LayerNorm is scale invariant with ``eps * S^2``, and ``ending``'s weights
+    divided by ``S`` give back the output. ``S`` is a power of two, so in fp32 every value is
+    the original times ``S`` (or ``S^2``) exactly and the output does not change by a bit; no op
+    is added. Applies only when every producer and reader of the stream is one of those kinds.
+    """
+    g = _Graph(model)
+    norms = _layer_norms(g)
+    if not norms:
+        return model, 0
+    stream, frontier, muls, convs, readers = set(norms), list(norms), [], [], []
+
+    def join(names) -> bool:
+        new = [n for n in names if n and n not in stream]
+        stream.update(new)
+        frontier.extend(new)
+        return not any(n in g.inits or n in g.outputs for n in new)
+
+    while frontier:  # the closure: what makes a stream value, and what a stream value makes
+        name = frontier.pop()
+        p = g.producers.get(name)
+        if p is None or p.op_type in ("Add", "DepthToSpace") and not join(p.input):
+            return model, 0
+        if p.op_type == "Mul" and _split_operands(g, p) is not None:
+            muls.append(p)
+        elif p.op_type not in ("Add", "DepthToSpace"):
+            if _plain_conv(g, p) is None:
+                return model, 0
+            convs.append(p)
+        for u in g.users[name]:
+            if u.op_type in ("Add", "DepthToSpace"):
+                if not join(u.output):
+                    return model, 0
+            elif u.op_type == "Conv" and u.input[0] == name and _plain_conv(g, u) is not None:
+                readers.append(u)
+            elif not (name in norms and (u is norms[name][0] or u.op_type == "ReduceMean")):
+                return model, 0
+    readers = [c for c in readers if c.output[0] not in stream]
+    s = np.float64(STREAM_SCALE)
+    for conv in convs:  # makes stream values: from outside the stream, its weights scale too
+        weight, bias = _plain_conv(g, conv)
+        _set_conv_params(g, conv, weight * (1 if conv.input[0] in stream else s), bias * s)
+    for conv in readers:  # reads the stream, writes outside it
+        weight, bias = _plain_conv(g, conv)
+        _set_conv_params(g, conv, weight / s, bias)
+    for mul in muls:
+        act, const = _split_operands(g, mul)
+        scaled = g.add_const(f"{mul.output[0]}_scale", const * np.float32(s))
+        del mul.input[:]
+        mul.input.extend([act, scaled])
+    for _, add in norms.values():
+        act, eps = _split_operands(g, add)
+        scaled = g.add_const(f"{add.output[0]}_eps", eps * np.float32(s * s))
+        del add.input[:]
+        add.input.extend([act, scaled])
+    return _finish(model, g, set(), len(norms))
+
+
+def global_pool_staged(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """``GlobalAveragePool`` (NAFNet's channel attention) -> a mean over W, then over H.
+
+    A phone GPU accumulates a mean in fp16: over 1024x1536 pixels the running sum passes 65504
+    at a mean of 0.04, and long before that each added pixel is below half a step of the sum.
+    Staged, no sum adds more than one row (1536) or column (1024) of values (docs/design.md,
+    section 13). The same sum in another order: equal in fp32 to float rounding.
+    """
+    g = _Graph(model)
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "GlobalAveragePool":
+            continue
+        rows = g.fresh(f"{node.output[0]}_rows")
+        nodes = [onnx.helper.make_node("ReduceMean", [node.input[0]], [rows], axes=[3],
+                                       keepdims=1, name=g.fresh(f"{node.name or rows}_rows")),
+                 onnx.helper.make_node("ReduceMean", [rows], list(node.output), axes=[2],
+                                       keepdims=1, name=node.name)]
+        index = list(model.graph.node).index(node)
+        model.graph.node.insert(index, nodes[0])
+        node.CopyFrom(nodes[1])
+        changed += 1
+    return model, changed
+
+
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     """Static shapes (None for unknown dims) of every value shape inference can tell."""
     graph = onnx.shape_inference.infer_shapes(model).graph
@@ -635,12 +750,15 @@ def max_tensor_rank(model: onnx.ModelProto) -> int:
 
 
 # Order matters: folds first (they look for the NCHW patterns the exporter wrote), then the
-# op-for-op substitutions, and the layout change last.
+# op-for-op substitutions (the fp16 ones before the mean becomes a conv and the square root gets
+# its Relu), and the layout change last.
 PASSES = (
+    residual_stream_scaled,
     depth_to_space_crd_to_dcr,
     fold_affine_into_next_conv,
     fold_scale_into_prev_conv,
     square_as_mul,
+    global_pool_staged,
     simplegate_as_split,
     split_convs_at_gate,
     sqrt_divisor_in_delegate,
@@ -648,3 +766,7 @@ PASSES = (
     conv_same_padding,
     channels_last,
 )
+# The passes that make NAFNet fp16-safe (docs/design.md, section 13), and the pass list without
+# them: the textbook graph, for tests and benchmarks that show what they fix.
+FP16_PASSES = (residual_stream_scaled, global_pool_staged)
+NAIVE_FP16_PASSES = tuple(p for p in PASSES if p not in FP16_PASSES)

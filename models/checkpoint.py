@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
+import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -27,6 +30,28 @@ def extract_state_dict(obj: object) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def load_weights_only(path: Path) -> object:
+    """``torch.load`` that never runs code from the file and never passes on torch's advice to
+    (``weights_only=False`` would run whatever the file holds) or its warnings; a file it
+    cannot read is one ``CheckpointError`` saying why, in our words."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        text = str(exc)
+        code = re.search(r"unsupported GLOBAL (\S+)", text)
+        if code:
+            reason = (f"it holds Python code or objects ({code.group(1)}), not only tensors; "
+                      "refused without running it")
+        elif "Weights only load failed" in text or isinstance(exc, pickle.UnpicklingError):
+            reason = "not a readable PyTorch weights file (no pickle of tensors in it)"
+        else:
+            first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+            reason = f"not a readable PyTorch file ({first})"
+        raise CheckpointError(reason) from None
+
+
 def read_checkpoint(path: str | Path, expected: str = "a NAFNet checkpoint") -> tuple[object, dict]:
     """``torch.load`` (weights only) and unwrap: the raw object and its flat state dict.
 
@@ -36,15 +61,30 @@ def read_checkpoint(path: str | Path, expected: str = "a NAFNet checkpoint") -> 
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a corrupt or foreign file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint; expected {expected} ({reason})") from None
+        raw = load_weights_only(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}; expected {expected}") from None
     try:
         return raw, extract_state_dict(raw)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+
+
+def check_values(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+                 path: Path) -> None:
+    """Weights a model can compute with: floating point where the model's are, and finite
+    (a NaN weight makes every output NaN, which no later check should have to discover).
+    ``CheckpointError`` names the first tensor that is not."""
+    for key, value in state.items():
+        want = expected.get(key)
+        if want is not None and want.is_floating_point() and not value.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {key!r} is {str(value.dtype)[6:]}, where the "
+                                  f"model's is floating point ({str(want.dtype)[6:]})")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"{path}: tensor {key!r} holds {bad} non-finite values (NaN "
+                                  f"or inf) of {value.numel()}; weights like these make NaN "
+                                  "output")
 
 
 def load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: Path,
@@ -62,6 +102,7 @@ def load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path:
             f"{path}: does not fit {what}: {len(missing)} missing keys {missing[:5]}, "
             f"{len(unexpected)} unexpected {unexpected[:5]}, {len(wrong)} wrong shapes "
             f"{wrong[:3]}")
+    check_values(state, model.state_dict(), path)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()

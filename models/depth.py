@@ -167,6 +167,20 @@ def depth_input_size(name: str, height: int, width: int,
     return dpt_input_size(height, width, short, entry.multiple)
 
 
+def activation_bytes(name: str, height: int, width: int) -> int:
+    """A lower bound on the memory of one forward pass of ``name`` at a ``height x width``
+    input: its largest float32 tensor, twice (an op's input and output are alive at once).
+    That is the head's full-resolution map (features / 2 channels), or for the ViT nets one
+    block's attention matrix (tokens^2 per head), whichever is larger."""
+    config = depth_net(name).config
+    largest = height * width * config.features // 2
+    heads = getattr(config, "num_heads", 0)
+    if heads:
+        tokens = (height // config.patch_size) * (width // config.patch_size)
+        largest = max(largest, tokens * tokens * heads)
+    return 2 * 4 * largest
+
+
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -174,20 +188,22 @@ def param_count(model: nn.Module) -> int:
 # --- checkpoints ---------------------------------------------------------------------------------
 
 
-def _fits(entry: DepthNet, state: Mapping[str, torch.Tensor]) -> bool:
-    """Whether ``state`` has exactly the keys and shapes of ``entry``'s network."""
+def _distance(entry: DepthNet, state: Mapping[str, torch.Tensor]) -> int:
+    """How many keys of ``state`` are missing, extra or mis-shaped for ``entry``'s network
+    (0: it fits exactly)."""
     with torch.device("meta"):
         expected = FAMILIES[entry.family].model_type(entry.config).state_dict()
-    return set(expected) == set(state) and all(
-        tuple(state[k].shape) == tuple(v.shape) for k, v in expected.items())
+    return len(set(expected) ^ set(state)) + sum(
+        tuple(state[k].shape) != tuple(v.shape) for k, v in expected.items() if k in state)
 
 
 def identify_checkpoint(state: Mapping[str, torch.Tensor]) -> str | None:
     """The registered net a flat state dict is, from its keys (and shapes, to tell a test
     config from the official net); ``None`` when it is no depth net of the registry.
 
-    A file of a known architecture whose widths fit no entry is named as the official net of
-    that architecture (loading it then says which keys do not fit)."""
+    A file of a known architecture that fits no entry exactly is named as the entry of that
+    architecture it is closest to (fewest missing, extra and mis-shaped keys), so that loading
+    it names the few keys that are wrong, not the hundreds another size would miss."""
     if is_midas_small_state(state):
         family, official = "midas-small", "midas-small"
     elif is_depth_anything_state(state):
@@ -198,11 +214,11 @@ def identify_checkpoint(state: Mapping[str, torch.Tensor]) -> str | None:
         except CheckpointError:
             return None
         family, official = "dpt", f"dpt-{variant}"
-    # Only the small test configs are built (on the meta device) to compare shapes: a file of
-    # the architecture that fits none of them is named as the official net.
-    tests = [n for n in _NETS if n.family == family and n.test_only
-             and (family != "dpt" or n.config.variant == DEPTH_NETS[official].config.variant)]
-    return next((n.name for n in tests if _fits(n, state)), official)
+    variant_of = DEPTH_NETS[official].config
+    candidates = [n for n in _NETS if n.family == family and (
+        family != "dpt" or n.config.variant == variant_of.variant)]
+    # built on the meta device: no memory for the weights, a second for the largest net
+    return min(candidates, key=lambda n: (_distance(n, state), n.name != official)).name
 
 
 def load_depth(name: str | None, checkpoint: str | Path | None = None,
@@ -213,7 +229,8 @@ def load_depth(name: str | None, checkpoint: str | Path | None = None,
     ``[N,3,H,W]`` normalised with the net's mean and std -> ``[N,H,W]``, the official output.
 
     A checkpoint of another registered net is refused with one ``CheckpointError`` line naming
-    the net it is; every other failure is the architecture's own one-line error.
+    the net it is; every other failure (a missing, extra, mis-shaped, non-float or non-finite
+    tensor) is the architecture's own one-line error naming the tensor.
     """
     if checkpoint is None:
         entry = depth_net(name or DEFAULT_DEPTH)
@@ -227,8 +244,11 @@ def load_depth(name: str | None, checkpoint: str | Path | None = None,
     state = read_checkpoint(path, expected)[1]
     found = identify_checkpoint(state)
     entry = named or depth_net(found or DEFAULT_DEPTH)
-    if found is not None and found != entry.name:
-        other = DEPTH_NETS[found]
+    other = DEPTH_NETS.get(found)
+    # Another architecture, or exactly another size of this one: say which net the file is.
+    # A near miss of the net asked for is loaded as it, which names the keys that are wrong.
+    if other is not None and found != entry.name and (
+            other.family != entry.family or _distance(other, state) == 0):
         raise CheckpointError(f"{path}: is a {other.title} checkpoint ({found}), not "
                               f"{entry.name}; use --depth {found}")
     return entry, FAMILIES[entry.family].load(state, path, entry.config).eval()

@@ -3,9 +3,10 @@
 Same network as ``models.dpt`` (which names the paper and reference code), built for one static
 input size so that it converts to TFLite with builtin ops only and every tensor of rank <= 4,
 which is what the phone GPU delegate accepts:
-- GroupNorm takes only spatial means (the MEAN form every XNNPACK build delegates), also for the
-  mean over each group's channels; attention runs as ``[N, heads, tokens, dim]``;
-  norms compute the variance as ``mean((x - mean)^2)`` (no sum of squares to overflow fp16).
+- GroupNorm takes only means over one or two spatial axes (the MEAN forms XNNPACK delegates),
+  also for the mean over each group's channels; attention runs as ``[N, heads, tokens, dim]``.
+- Every norm and its large means use the fp16-safe forms of
+  ``models.fp16_tf`` (a phone GPU computes in fp16; docs/design.md, section 13): exact in fp32.
 - Each fusion block's 1x1 ``out_conv`` runs before its bilinear x2 upsampling, on a quarter of
   the pixels: both are linear and the bilinear weights sum to one, so the order does not change
   the result (beyond float rounding).
@@ -29,17 +30,19 @@ import tensorflow as tf
 import torch
 
 from common.errors import CheckpointError
+from models import fp16_tf
 from models.dpt import DPT, DPTConfig, check_input_size, resize_pos_embed, standardize_weight
 
 layers = tf.keras.layers
 
 
 class LayerNorm(layers.Layer):
-    """LayerNorm over the last axis."""
+    """LayerNorm over the last axis (``fp16_tf.layer_norm``)."""
 
     def __init__(self, eps: float = 1e-6, **kwargs):
         super().__init__(**kwargs)
         self.eps = eps
+        self.fp16_safe = fp16_tf.fp16_safe()
 
     def build(self, input_shape: tf.TensorShape) -> None:
         dim = int(input_shape[-1])
@@ -47,15 +50,14 @@ class LayerNorm(layers.Layer):
         self.beta = self.add_weight(name="beta", shape=(dim,), initializer="zeros")
 
     def call(self, x: tf.Tensor) -> tf.Tensor:
-        centred = x - tf.reduce_mean(x, axis=-1, keepdims=True)
-        variance = tf.reduce_mean(tf.square(centred), axis=-1, keepdims=True)
-        return centred * tf.math.rsqrt(variance + self.eps) * self.gamma + self.beta
+        return fp16_tf.layer_norm(x, self.gamma, self.beta, self.eps, self.fp16_safe)
 
 
 class GroupNorm(layers.Layer):
     """GroupNorm on NHWC, optionally followed by ReLU (timm ``GroupNormAct``).
 
-    Statistics come from spatial means ``[N, 1, 1, C]``, then a mean over each group's channels
+    Statistics come from spatial means ``[N, 1, 1, C]`` (``fp16_tf.spatial_mean``: staged, rows
+    then columns), then a mean over each group's channels
     computed as a spatial mean too (the ``[N, 1, 1, C]`` vector laid out as ``[N, C/G, 1, G]``),
     broadcast back to the channels by a multiply with a ``[1, 1, G, C/G]`` ones tensor (the GPU
     delegate wants one MUL operand to cover the other in every dimension). Every op is one that
@@ -63,11 +65,15 @@ class GroupNorm(layers.Layer):
     104 MEANs outside it), and no op has weights, so dynamic-range quantization leaves the
     statistics in float (a constant group-average conv was quantized there, and so were its
     inputs: small variances became 0). The output is ``x * scale + shift`` per channel.
+    Its input comes from a ``StdConv2DSame`` whose weights carry ``fp16_tf.norm_input_scale``,
+    so ``eps`` is scaled to match (``fp16_tf.group_norm_eps``).
     """
 
     def __init__(self, groups: int, eps: float = 1e-5, relu: bool = True, **kwargs):
         super().__init__(**kwargs)
-        self.groups, self.eps, self.relu = groups, eps, relu
+        self.groups, self.relu = groups, relu
+        self.fp16_safe = fp16_tf.fp16_safe()
+        self.eps = fp16_tf.group_norm_eps(eps, self.fp16_safe)
 
     def build(self, input_shape: tf.TensorShape) -> None:
         channels = int(input_shape[-1])
@@ -78,7 +84,7 @@ class GroupNorm(layers.Layer):
         """``[N, H, W, C]`` -> the mean of each channel's group, ``[N, 1, 1, C]``."""
         channels = x.shape[-1]
         size = channels // self.groups
-        spatial = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
+        spatial = fp16_tf.spatial_mean(x, self.fp16_safe)
         per_group = tf.transpose(tf.reshape(spatial, [-1, 1, self.groups, size]), [0, 3, 1, 2])
         group = tf.reshape(tf.reduce_mean(per_group, axis=[1, 2], keepdims=True),
                            [-1, 1, self.groups, 1])
@@ -94,11 +100,13 @@ class GroupNorm(layers.Layer):
 
 class StdConv2DSame(layers.Conv2D):
     """A plain "SAME" conv without bias holding timm ``StdConv2dSame`` weights, standardised by
-    ``port_weights`` (a distinct class so the port knows to standardise)."""
+    ``port_weights`` (a distinct class so the port knows to standardise) and multiplied by
+    ``output_scale``: every one feeds a GroupNorm, which takes that scale back exactly."""
 
     def __init__(self, filters: int, kernel_size: int, strides: int = 1, **kwargs):
         super().__init__(filters, kernel_size, strides=strides, padding="same", use_bias=False,
                          **kwargs)
+        self.output_scale = fp16_tf.norm_input_scale(fp16_tf.fp16_safe())
 
 
 class TokenEmbed(layers.Layer):
@@ -301,7 +309,8 @@ def _layer_weights(layer: layers.Layer, take: Callable[[str], torch.Tensor],
     if isinstance(layer, ProjectReadout | layers.Dense):
         return [_np(take("weight")).T, _np(take("bias"))]
     if isinstance(layer, StdConv2DSame):  # OIHW -> HWIO, standardised once here
-        return [_np(standardize_weight(take("weight"), cfg.std_conv_eps)).transpose(2, 3, 1, 0)]
+        kernel = _np(standardize_weight(take("weight"), cfg.std_conv_eps)).transpose(2, 3, 1, 0)
+        return [kernel * np.float32(layer.output_scale)]
     if isinstance(layer, layers.Conv2DTranspose):  # [in, out, kh, kw] -> [kh, kw, out, in]
         return [_np(take("weight")).transpose(2, 3, 1, 0), _np(take("bias"))]
     if isinstance(layer, layers.Conv2D):  # OIHW -> HWIO

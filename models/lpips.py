@@ -98,15 +98,14 @@ def lpips_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def load_lpips(paths: Sequence[str | Path]) -> LPIPS:
     """An LPIPS module from local files; every failure is a ``UserError`` naming the files."""
-    from models.checkpoint import extract_state_dict
+    from models.checkpoint import extract_state_dict, load_weights_only
 
     state: dict[str, torch.Tensor] = {}
     for path in map(Path, paths):
         if not path.is_file():
             raise UserError(f"{path}: no such LPIPS weights file")
         try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-            state.update(lpips_state_dict(extract_state_dict(raw)))
+            state.update(lpips_state_dict(extract_state_dict(load_weights_only(path))))
         except Exception as exc:  # torch raises many types for a corrupt or foreign file
             raise UserError(f"{path}: not readable LPIPS/AlexNet weights ({exc})") from None
     model = LPIPS()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import CheckpointError
-from models.checkpoint import read_checkpoint
+from models.checkpoint import check_values, read_checkpoint
 
 PAPER_CONFIG: dict = dict(
     in_channels=4, out_channels=3, width=8, enc_blocks=(2, 2, 2, 20), middle_blocks=2,
@@ -156,6 +156,13 @@ def randomize_residual_scales(model: nn.Module, seed: int = 0, std: float = 0.1)
     return model
 
 
+def activation_bytes(config: Mapping, height: int, width: int) -> int:
+    """A lower bound on the memory of one forward pass at ``height x width``: its largest
+    tensor, the first conv of a full-resolution block (2 x width channels, float32), twice (an
+    op's input and output are alive at once)."""
+    return 2 * 4 * height * width * 2 * int(config["width"])
+
+
 def random_nafnet(config: Mapping | None = None, seed: int = 0) -> NAFNet:
     """A deterministic random-weight NAFNet (paper config by default) with every block active."""
     torch.manual_seed(seed)
@@ -190,5 +197,6 @@ def load_nafnet(path: str | Path, config: Mapping | None = None) -> NAFNet:
     if wrong:
         raise CheckpointError(f"{path}: shapes do not fit NAFNet{model.config} "
                               f"(checkpoint vs model): {'; '.join(wrong[:3])}")
+    check_values(state, own, path)
     model.load_state_dict(state, strict=True)
     return model.eval()

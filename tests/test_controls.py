@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from phone import assert_phone_ready
 from PIL import Image
 
 from common.images import letterbox
 from export.runner import run_tflite
-from export.tflite_info import inspect_tflite
 from models.pipeline import BokehPipeline, focus_guide
 from tools.render import main as render_main
 from validate.parity import run_parity
@@ -158,13 +158,10 @@ def test_multi_input_stages_run_by_name(tmp_path):
 @pytest.mark.parametrize("variant", ["fp32", "fp16"])
 def test_controls_tflite_facts_and_manifest(fused_export, variant):
     out, report = fused_export
-    info = inspect_tflite(out / f"bokeh_controls_{variant}.tflite")
-    assert info.flex_ops == [] and info.max_rank <= 4
+    info = assert_phone_ready(out / f"bokeh_controls_{variant}.tflite", report)
     assert [(t["name"], t["shape"]) for t in info.inputs] == [
         ("photo", [1, 64, 96, 3]), ("focus", [1, 1, 1, 1]), ("strength", [1, 1, 1, 1])]
     assert sorted(t["name"] for t in info.outputs) == ["bokeh", "mask"]
-    entry = report["variants"][f"bokeh_controls_{variant}.tflite"]
-    assert entry["gpu_compatible"] is True and entry["gpu_messages"] == info.gpu_messages[:5]
     manifest = json.loads((out / f"bokeh_controls_{variant}.manifest.json").read_text())
     assert manifest["model"] == "bokeh" and manifest["variant"] == variant
     assert manifest["controls"]["focus"]["default"] == 1.0

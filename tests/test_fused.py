@@ -1,24 +1,62 @@
-"""The fused photo -> bokeh model: DPT (TensorFlow) + NAFNet (onnx-tf) in one TFLite graph."""
+"""The fused photo -> bokeh model: a depth net (TensorFlow) + NAFNet (onnx-tf) in one TFLite
+graph, checked the same way for every registered depth net at 64x96.
+
+dpt-tiny is the shared export (tests/conftest.py); the small nets are exported once each,
+reusing its NAFNet conversion. Their NAFNet stages are copies of the shared export's, whose parity
+the dpt-tiny case checks; they are removed after the export, so parity there runs the stages the
+depth net changes: the fused SavedModel and frozen graph (for Depth Anything; the fusing code is
+the same for every net) and the TFLite files.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from phone import assert_phone_ready
 
-from export.tflite_info import inspect_tflite
+from export.pipeline import NAFNET_ARTIFACTS
+from models.depth import depth_net
 from models.pipeline import normalize_per_image, resize_bilinear
 from models.reference import Reference
 from tools.cli import export_main
 from validate.parity import parity_inputs, read_manifest, run_parity
 
+SMALL_H, SMALL_W = 64, 96  # the shared export's size (conftest.py)
+# net -> depth short side: 64x96 for dpt-tiny and MiDaS small (no resize), 56x84 for Depth
+# Anything (resized both ways, sides multiples of 14)
+NETS = {"dpt-tiny": 64, "midas-small-tiny": 64, "depth-anything-v2-small-tiny": 56}
+# parity of the fused SavedModel and frozen graph besides the TFLite file
+EVERY_STAGE = ("dpt-tiny", "depth-anything-v2-small-tiny")
+
+
+@pytest.fixture(scope="module", params=list(NETS))
+def fused(request, fused_export, tmp_path_factory):
+    """(net, export folder, report) of the fused model with each registered test net."""
+    from export.pipeline import ExportOptions, export
+
+    name = request.param
+    if name == "dpt-tiny":
+        return name, *fused_export
+    out = tmp_path_factory.mktemp(name)
+    report = export(ExportOptions(out, SMALL_H, SMALL_W, depth=name,
+                                  depth_short_side=NETS[name], reuse_nafnet=fused_export[0],
+                                  gpu_check=False), echo=lambda s: None)
+    for artifact in NAFNET_ARTIFACTS:
+        path = out / artifact
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return name, out, report
+
 
 @pytest.mark.slow
-def test_fused_tflite_matches_pytorch_pipeline_on_photos(fused_export, photo_dir):
-    out, _ = fused_export
-    result = run_parity(out / "bokeh_fp32.tflite", images=photo_dir, echo=lambda s: None)
+def test_fp32_matches_the_pytorch_pipeline_with_the_same_net(fused, photo_dir):
+    name, out, _ = fused
+    result = run_parity(out / "bokeh_fp32.tflite", images=photo_dir, echo=lambda s: None,
+                        tflite_only=name not in EVERY_STAGE)
     assert result["passed"], result["summary"]
     final = result["stages"][-1]
     assert final["stage"] == "tflite-fp32"
@@ -28,15 +66,26 @@ def test_fused_tflite_matches_pytorch_pipeline_on_photos(fused_export, photo_dir
         else:
             assert row["psnr_db"] >= 60
     names = [s["stage"] for s in result["stages"]]
-    assert "bokeh-savedmodel" in names and "bokeh-frozen-graph" in names
+    if name in EVERY_STAGE:
+        assert names[-3:] == ["bokeh-savedmodel", "bokeh-frozen-graph", "tflite-fp32"]
+    else:
+        assert names == ["tflite-fp32"]
+    if name == "dpt-tiny":  # the shared export keeps NAFNet's stages: they are checked too
+        assert "onnx" in names and "tf-savedmodel" in names
 
 
 @pytest.mark.slow
-def test_reference_mask_is_not_degenerate(fused_export, photo_dir):
-    """Parity on a constant mask would prove little: the random DPT must give real structure."""
-    out, _ = fused_export
+def test_reference_uses_the_net_and_its_mask_is_not_degenerate(fused, photo_dir):
+    """Parity on a constant mask would prove little: the random net must give real structure."""
+    name, out, _ = fused
     manifest, _ = read_manifest(out / "bokeh_fp32.tflite")
     ref = Reference(manifest)
+    net = depth_net(name)
+    assert type(ref.pipeline.depth).__name__ == {
+        "dpt": "DPT", "midas-small": "MidasSmall", "depth-anything-v2": "DepthAnythingV2"}[
+        net.family]
+    assert ref.pipeline.depth_size == (NETS[name], NETS[name] * 3 // 2)
+    assert ref.pipeline.mean.flatten().tolist() == pytest.approx(net.mean)
     for inp in parity_inputs(manifest, photo_dir, echo=lambda s: None):
         mask = ref.run(inp.value)["bokeh"]["mask"]
         assert mask.min() == 0.0 and mask.max() == pytest.approx(1.0)
@@ -44,9 +93,10 @@ def test_reference_mask_is_not_degenerate(fused_export, photo_dir):
 
 
 @pytest.mark.slow
-def test_fp16_within_45db_of_fp32(fused_export, photo_dir):
-    out, _ = fused_export
-    result = run_parity(out / "bokeh_fp16.tflite", images=photo_dir, echo=lambda s: None)
+def test_fp16_within_45db_of_fp32(fused, photo_dir):
+    _, out, _ = fused
+    result = run_parity(out / "bokeh_fp16.tflite", images=photo_dir, echo=lambda s: None,
+                        tflite_only=True)
     versus = result["stages"][-1]
     assert versus["stage"] == "tflite-fp16 vs bokeh_fp32.tflite"
     assert versus["passed"]
@@ -55,19 +105,20 @@ def test_fp16_within_45db_of_fp32(fused_export, photo_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["fp32", "fp16"])
-def test_fused_variants_builtin_only_rank4_with_gpu_verdict(fused_export, variant):
-    out, report = fused_export
-    info = inspect_tflite(out / f"bokeh_{variant}.tflite")
-    assert info.flex_ops == [] and info.max_rank <= 4
+def test_phone_ready_and_the_net_named_everywhere(fused, variant):
+    name, out, report = fused
+    info = assert_phone_ready(out / f"bokeh_{variant}.tflite", report)
     assert [t["name"] for t in info.inputs] == ["photo"]
     assert sorted(t["name"] for t in info.outputs) == ["bokeh", "mask"]
-    entry = report["variants"][f"bokeh_{variant}.tflite"]
-    assert entry["gpu_compatible"] is True and entry["flex_ops"] == []
     manifest = json.loads((out / f"bokeh_{variant}.manifest.json").read_text())
-    assert manifest["depth"]["name"] == "dpt-tiny"  # the old --dpt-variant tiny
-    assert manifest["depth"]["input_size"] == [64, 96]
-    assert manifest["depth"]["mean"] == manifest["depth"]["std"] == [0.5] * 3
-    assert any("MEANINGLESS" in w and "dpt-tiny" in w for w in manifest["warnings"])
+    depth = manifest["depth"]
+    assert depth["name"] == name and depth["input_size"] == [NETS[name], NETS[name] * 3 // 2]
+    assert depth["mean"] == list(depth_net(name).mean) and depth["random_seed"] == 0
+    assert any("MEANINGLESS" in w and name in w for w in manifest["warnings"])
+    assert json.loads(json.dumps(report["depth"])) == depth
+    assert f"depth net: {name}" in (out / "report.txt").read_text()
+    if name != "dpt-tiny":
+        assert report["nafnet_reused_from"]
 
 
 def test_resize_matches_tflite_resize_bilinear():
@@ -104,7 +155,7 @@ def test_corrupt_dpt_file_clear_error_and_nothing_written(tmp_path, capsys):
     assert code == 2
     line = _line(capsys)
     assert "dpt_hybrid_384.pt" in line and "expected a depth net file" in line
-    assert not list(out.iterdir())
+    assert not out.exists() or not list(out.iterdir())
 
 
 def test_dpt_of_another_architecture(tmp_path, capsys):
@@ -160,3 +211,79 @@ def test_parity_export_dir_refuses_single_file_flags_and_foreign_folders(tmp_pat
     assert "--pair: only with --tflite" in capsys.readouterr().err
     assert bokeh(["parity", "--export-dir", str(tmp_path), "--tflite", "x.tflite"]) == 2
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+# --- full size: the official configs at the paper's 1024x1536 (pytest -m full) -------------------
+
+FULL_NETS = ("midas-small", "depth-anything-v2-small")
+
+
+@pytest.fixture(scope="module")
+def full_exports(tmp_path_factory):
+    """Both official small nets fused at 1024x1536 (fp32, fp16), NAFNet converted once; an
+    existing set (make bench-depth's build/bench-depth) is reused when BOKEHLITE_DEPTH_EXPORTS
+    names it."""
+    import os
+    from pathlib import Path
+
+    from validate.depth_bench import ensure_depth_exports
+
+    root = os.environ.get("BOKEHLITE_DEPTH_EXPORTS") or tmp_path_factory.mktemp("depth_full")
+    return ensure_depth_exports(Path(root), 1024, 1536, FULL_NETS, echo=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def bench_photos(tmp_path_factory):
+    from validate.doc import write_photos
+
+    return write_photos(tmp_path_factory.mktemp("bench_photos"))
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("name", FULL_NETS)
+def test_full_size_official_config_parity_on_photos(full_exports, bench_photos, name):
+    out = full_exports[name]
+    manifest, _ = read_manifest(out / "bokeh_fp32.tflite")
+    official = json.loads(json.dumps(dataclasses.asdict(depth_net(name).config)))
+    assert manifest["depth"]["name"] == name and manifest["depth"]["config"] == official
+    result = run_parity(out / "bokeh_fp32.tflite", images=bench_photos, tflite_only=True,
+                        echo=lambda s: None)
+    assert result["passed"], result["summary"]
+    for row in result["stages"][-1]["inputs"]:
+        assert row["max_abs_diff"] <= 1e-3 if row["output"] == "mask" else row["psnr_db"] >= 60
+    fp16 = run_parity(out / "bokeh_fp16.tflite", images=bench_photos, tflite_only=True,
+                      echo=lambda s: None)
+    assert fp16["passed"], fp16["summary"]
+    versus = fp16["stages"][-1]
+    assert min(r["psnr_db"] for r in versus["inputs"] if r["output"] == "bokeh") >= 45
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("name", FULL_NETS)
+def test_full_size_builtin_rank4_gpu_ready_and_small(full_exports, name):
+    out = full_exports[name]
+    for variant in ("fp32", "fp16"):
+        assert_phone_ready(out / f"bokeh_{variant}.tflite")
+        manifest = json.loads((out / f"bokeh_{variant}.manifest.json").read_text())
+        assert manifest["gpu_compatible"] is True
+    assert (out / "bokeh_fp16.tflite").stat().st_size < 60e6
+
+
+@pytest.mark.slow
+def test_fp32_arithmetic_matches_litert_and_the_fp16_verdict_is_recorded(fused):
+    """The evaluator's fp32 self-check (export/arith.py) on both float files of each net, and
+    the export's fp16 verdict in their manifests: its content, not a pass (random weights; the
+    graphs without fp16 rewrites fail)."""
+    from test_arith import assert_self_check
+
+    name, out, report = fused
+    rng = np.random.default_rng(0)
+    for variant in ("fp32", "fp16"):
+        assert_self_check(out / f"bokeh_{variant}.tflite", rng)
+        manifest, _ = read_manifest(out / f"bokeh_{variant}.tflite")
+        verdict = manifest["fp16_arithmetic"]
+        assert set(verdict["outputs"]) == {"bokeh", "mask"} and verdict["passed"] in (True, False)
+        if verdict["passed"] is False:
+            assert verdict["first_nonfinite"] or any(
+                not o["passed"] for o in verdict["outputs"].values())
+        assert report["variants"][f"bokeh_{variant}.tflite"]["fp16_arithmetic"] == verdict

@@ -31,8 +31,8 @@ def test_fp16_gpu_bundle(fused_export, tmp_path, capsys):
     bundle = tmp_path / "bundle"
     assert main(["--variant", "fp16", "--export-dir", str(out), "--out", str(bundle)]) == 0
     assert "Download folder" in capsys.readouterr().out
-    assert sorted(p.name for p in bundle.iterdir()) == ["README.txt", "manifest.json",
-                                                         "model.tflite"]
+    assert sorted(p.name for p in bundle.iterdir()) == [  # and the hidden list of what it wrote
+        ".bokehlite-written.json", "README.txt", "manifest.json", "model.tflite"]
     data = (bundle / "model.tflite").read_bytes()
     assert data == (out / "bokeh_fp16.tflite").read_bytes()
     manifest = json.loads((bundle / "manifest.json").read_text())

@@ -119,7 +119,7 @@ def test_trainer_reports_bad_data_in_one_line(tmp_path, capsys):
                        "--no-tensorboard", "--no-progress", "--epochs2", "0"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
-    assert err.startswith("python -m train.trainer: error: ") and "target/b.png" in err
+    assert err.startswith("bokeh train: error: ") and "target/b.png" in err
 
 
 def test_mask_is_min_max_normalised(tmp_path):

@@ -21,6 +21,8 @@ from pathlib import Path
 from common.cli import run_command
 from common.errors import UserError
 from common.files import ensure_writable_dir, human_bytes, read_json, write_bytes, write_json
+from common.ownership import claim, record
+from export.arith import fp16_verdict, verdict_line
 from export.tflite_info import dynamic_dims, gpu_verdict
 from export.variants import VARIANTS, describe
 from tools.inspect import inspect
@@ -29,6 +31,7 @@ BUNDLE_FORMAT = "bokehlite-ai-benchmark/1"
 DELEGATES = ("gpu", "cpu", "nnapi")
 DEFAULT_DELEGATE = {v.name: v.delegate for v in VARIANTS}  # export/variants.py
 NOT_MEASURED = "not measured — run validate parity --tflite {path}"
+BUNDLE_FILES = ("model.tflite", "manifest.json", "README.txt")
 
 
 class Refused(UserError):
@@ -149,6 +152,8 @@ def readme_text(bundle: dict) -> str:
         f"{bundle['max_rank']}; static shapes: {'yes' if bundle['static_shapes'] else 'NO'}.",
         f"Parity with PyTorch: {parity_line}.",
         *([f"Variant {bundle['variant_info']}."] if bundle.get("variant_info") else []),
+        *([f"What the phone GPU computes (fp16): {verdict_line(bundle['fp16_arithmetic'])}."]
+          if bundle.get("fp16_arithmetic") else []),
         f"sha256 {bundle['sha256']}",
         "",
         "Target of the paper: a Kirin 9000 phone, where the original model needed Flex ops and ran",
@@ -162,17 +167,36 @@ def readme_text(bundle: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fp16_record(tflite: Path, manifest: dict) -> dict:
+    """The file's fp16-arithmetic verdict: the export's (its manifest), else computed now (an
+    export from before the verdict existed)."""
+    if manifest.get("fp16_arithmetic"):
+        return manifest["fp16_arithmetic"]
+    return fp16_verdict(tflite, {name: float(c["default"])
+                                 for name, c in (manifest.get("controls") or {}).items()})
+
+
 def make_bundle(out: str | Path, variant: str = "fp16", export_dir: str | Path = "build/export",
-                tflite: str | Path | None = None, delegate: str | None = None) -> dict:
+                tflite: str | Path | None = None, delegate: str | None = None,
+                overwrite: bool = False, allow_fp16_failure: bool = False) -> dict:
     """Check the model against the delegate, then write model.tflite, manifest.json, README.txt.
 
-    Raises ``Refused`` (a ``UserError``) when the delegate cannot run the model.
+    Raises ``Refused`` (a ``UserError``) when the delegate cannot run the model or, for the GPU
+    delegate (which computes in fp16), when its fp16-arithmetic verdict fails, naming the op,
+    unless ``allow_fp16_failure``; and
+    ``UserError`` when ``out`` lies in an export folder or holds a file of those names that this
+    tool did not write (unless ``overwrite``): the user's files are never replaced.
     """
+    from export.folder import export_around
     from export.manifest import read_manifest
 
     if variant not in DEFAULT_DELEGATE:
         raise UserError(f"unknown variant {variant!r}; expected one of {tuple(DEFAULT_DELEGATE)}")
     src = source_tflite(variant, export_dir, tflite)
+    inside = export_around(out)
+    if inside is not None:
+        raise UserError(f"{out}: is inside the export folder {inside}; give the bundle a folder "
+                        "of its own (e.g. build/bundle)")
     manifest, folder = read_manifest(src)
     names = [t.get("name") for t in manifest["inputs"]]
     if len(names) != 1:
@@ -191,14 +215,25 @@ def make_bundle(out: str | Path, variant: str = "fp16", export_dir: str | Path =
     reasons = check_delegate(info, dynamic, delegate)
     if reasons:
         raise Refused(f"{src}: refused for a {delegate.upper()} bundle: " + "; ".join(reasons))
+    fp16 = fp16_record(src, manifest) if delegate == "gpu" else None
+    if fp16 and fp16["passed"] is False and not allow_fp16_failure:
+        raise Refused(f"{src}: refused for a GPU bundle: {verdict_line(fp16)}; a phone GPU "
+                      "computes in fp16 (--allow-fp16-failure bundles it anyway)")
     out = ensure_writable_dir(out)
+    claim(out, BUNDLE_FILES, overwrite)
     data = src.read_bytes()
     bundle = build_manifest(src, data, info, manifest, dynamic, delegate,
                             parity_record(src, manifest, folder),
                             gpu_execution_record(src, manifest, folder))
+    if fp16:
+        bundle["fp16_arithmetic"] = fp16
+        if fp16["passed"] is False:
+            bundle["warnings"] = [*bundle["warnings"], f"bundled despite the fp16 verdict: "
+                                  f"{verdict_line(fp16)}"]
     write_bytes(out / "model.tflite", data)
     write_json(out / "manifest.json", bundle)
     write_bytes(out / "README.txt", readme_text(bundle).encode())
+    record(out, [out / name for name in BUNDLE_FILES])
     return bundle
 
 
@@ -211,7 +246,11 @@ def build_parser(prog: str = "bokeh ai-benchmark") -> argparse.ArgumentParser:
         epilog=f"examples:\n  {prog} --variant fp16 --out bundle\n"
                f"  {prog} --tflite build/export/bokeh_fp32.tflite --delegate cpu --out bundle\n"
                "Then copy DIR/model.tflite to the phone's Download folder (see DIR/README.txt).")
-    p.add_argument("--out", required=True, help="bundle folder (created)")
+    p.add_argument("--out", required=True,
+                   help="bundle folder (created; not inside an export folder)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace model.tflite, manifest.json, README.txt in --out even if this "
+                        "tool did not write them")
     p.add_argument("--variant", default="fp16", choices=tuple(DEFAULT_DELEGATE),
                    help="the export's bokeh_{variant}.tflite, bundled for its delegate (bokeh "
                         "variants: fp16 the GPU, int8 NNAPI, the others the CPU; default "
@@ -222,6 +261,9 @@ def build_parser(prog: str = "bokeh ai-benchmark") -> argparse.ArgumentParser:
     p.add_argument("--delegate", choices=DELEGATES,
                    help="delegate the bundle is for (default: gpu for an fp16 model, cpu for "
                         "fp32)")
+    p.add_argument("--allow-fp16-failure", action="store_true",
+                   help="bundle a model for the GPU even when its fp16-arithmetic verdict "
+                        "fails (a phone GPU computes in fp16: it will not render correctly)")
     return p
 
 
@@ -231,7 +273,8 @@ def main(argv: list[str] | None = None, prog: str = "bokeh ai-benchmark") -> int
 
 
 def _run(args: argparse.Namespace) -> int:
-    bundle = make_bundle(args.out, args.variant, args.export_dir, args.tflite, args.delegate)
+    bundle = make_bundle(args.out, args.variant, args.export_dir, args.tflite, args.delegate,
+                         args.overwrite, args.allow_fp16_failure)
     out = Path(args.out)
     print(f"Bundle for AI Benchmark ({bundle['delegate'].upper()}): {out}/")
     print(f"  model.tflite   {human_bytes(bundle['bytes'])}, sha256 {bundle['sha256'][:16]}...")

@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         return _entry(COMMANDS[verb][0])(rest, prog=f"bokeh {verb}")
     except SystemExit as stop:  # argparse: usage and one error line (2), or --help (0)
         return stop.code if isinstance(stop.code, int) else 1
+    except KeyboardInterrupt:  # while importing, before the command's own handler
+        print(f"bokeh {verb}: interrupted", file=sys.stderr)
+        return 130
 
 
 def build_export_parser(prog: str = "bokeh export") -> argparse.ArgumentParser:

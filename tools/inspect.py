@@ -14,6 +14,7 @@ from pathlib import Path
 
 from common.cli import positive_int, run_command
 from common.files import human_bytes
+from export.arith import POLICIES, arithmetic_report, format_arithmetic_report, random_inputs
 from export.runner import verify_tflite
 from export.tflite_info import TFLiteInfo, dynamic_dims, gpu_verdict, inspect_tflite
 from export.variants import describe, variant_of
@@ -84,6 +85,7 @@ def build_parser(prog: str = "bokeh inspect") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"examples:\n  {prog} build/export/bokeh_fp16.tflite\n"
+               f"  {prog} build/export/bokeh_fp16.tflite --fp16 --ops 30\n"
                f"  {prog} build/export/bokeh_fp16.tflite --json",
         description="What a .tflite holds and whether a phone GPU will take it: size, inputs and "
                     "outputs, dynamic shapes, Flex ops, maximum rank, GPU delegate verdict with "
@@ -95,6 +97,13 @@ def build_parser(prog: str = "bokeh inspect") -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true",
                    help="also compile it on LiteRT's GPU accelerator (the device found: a real "
                         "GPU, or SwiftShader after make setup-gpu) and say which ops fall back")
+    p.add_argument("--fp16", nargs="?", const="fp16", choices=POLICIES, metavar="POLICY",
+                   help="also run it op by op in fp16 arithmetic (export/arith.py; or POLICY: "
+                        f"{', '.join(POLICIES)}) against fp32 on one seeded random input and "
+                        "print the per-op table: the first op that made an inf/NaN, the ops "
+                        "losing the most; exit 1 when the verdict fails")
+    p.add_argument("--ops", type=positive_int, default=15,
+                   help="ops listed in the --fp16 table (default %(default)s)")
     p.add_argument("--largest", type=positive_int, default=5,
                    help="largest tensors listed (default %(default)s)")
     return p
@@ -108,6 +117,8 @@ def main(argv: list[str] | None = None, prog: str = "bokeh inspect") -> int:
         dynamic = dynamic_dims(args.tflite)
         accelerated = gpu_accelerated(args.tflite) if args.gpu else None
         name = variant_of(args.tflite)
+        arithmetic = (arithmetic_report(args.tflite, random_inputs(args.tflite), args.fp16,
+                                        worst=args.ops) if args.fp16 else None)
         if args.json:
             from dataclasses import asdict
 
@@ -115,7 +126,8 @@ def main(argv: list[str] | None = None, prog: str = "bokeh inspect") -> int:
             print(json.dumps({**asdict(info), "dynamic": dynamic,
                               "variant": describe(name) if name else None,
                               "gpu_verdict": "READY" if ready else "NOT READY",
-                              "gpu_reasons": reasons, "gpu_accelerator": accelerated}, indent=2))
+                              "gpu_reasons": reasons, "gpu_accelerator": accelerated,
+                              "arithmetic": arithmetic}, indent=2))
         else:
             print(format_report(info, dynamic, args.top))
             if name:  # the manifest beside it names the variant (export/variants.py)
@@ -124,7 +136,9 @@ def main(argv: list[str] | None = None, prog: str = "bokeh inspect") -> int:
                 print(f"  {'GPU run':<10} {accelerated['line']}")
                 for op in accelerated["fell_back"]:
                     print(f"  {'':<10} - {op}")
-        return 0
+            if arithmetic:
+                print(format_arithmetic_report(arithmetic))
+        return 1 if arithmetic and not arithmetic["passed"] else 0
 
     return run_command(prog, body)
 

@@ -27,7 +27,9 @@ from PIL import Image, ImageDraw
 from common.cli import positive_int, run_command, unit_float
 from common.errors import UserError
 from common.files import ensure_writable_dir
-from common.images import IMAGE_SUFFIXES, list_images, load_rgb, save_png, to_uint8
+from common.images import IMAGE_SUFFIXES, image_size, list_images, load_rgb, save_png, to_uint8
+from common.limits import check_memory
+from common.ownership import claim, record, written_here
 from export.runner import RUNTIMES
 from tools.images import colorize, labelled_row
 from validate.renderers import TFLiteRenderer, TorchRenderer, focus_at, render
@@ -102,11 +104,19 @@ def check_focus_point(point: tuple[int, int], photos: list[Path]) -> None:
 
 
 def collect_photos(items: list[str]) -> list[Path]:
-    """Files as given, folders expanded; every photo is checked before any rendering."""
+    """Files as given, folders expanded (without the renders this tool wrote into them); every
+    photo is checked before any rendering."""
     photos: list[Path] = []
     for item in items:
         path = Path(item)
-        photos.extend(list_images(path) if path.is_dir() else [path])
+        if path.is_dir():
+            ours = written_here(path)
+            kept = [p for p in list_images(path) if p.name not in ours]
+            if not kept:
+                raise UserError(f"{path}: holds only renders this tool wrote; give the photos")
+            photos.extend(kept)
+        else:
+            photos.append(path)
     stems: dict[str, Path] = {}
     for path in photos:
         load_rgb(path)  # missing, grayscale, RGBA, corrupt: UserError naming the file
@@ -114,6 +124,50 @@ def collect_photos(items: list[str]) -> list[Path]:
             raise UserError(f"{path}: same name as {stems[path.stem]}; outputs would collide")
         stems[path.stem] = path
     return photos
+
+
+def output_names(photo: Path, args: argparse.Namespace) -> list[str]:
+    """The files a render of ``photo`` writes into ``--out``."""
+    return [f"{photo.stem}_{kind}.png" for kind, wanted in (
+        ("bokeh", True), ("compare", args.compare), ("sweep", args.focus_sweep)) if wanted]
+
+
+def check_outputs(photos: list[Path], out: Path, args: argparse.Namespace) -> None:
+    """Before any work: the render writes only names it owns, never among an export's files,
+    and never over one of its own inputs."""
+    from export.folder import export_around
+
+    inside = export_around(out)
+    if inside is not None:
+        raise UserError(f"{out}: is inside the export folder {inside}; render into a folder of "
+                        "its own (e.g. renders)")
+    outputs = {(out / name).resolve(): photo for photo in photos
+               for name in output_names(photo, args)}
+    for photo in photos:
+        if photo.resolve() in outputs:
+            raise UserError(f"{photo}: is an input, and the render of {outputs[photo.resolve()]} "
+                            "would overwrite it; choose another --out")
+    claim(out, [p.name for p in outputs], args.overwrite)
+
+
+def check_render_memory(renderer, photos: list[Path], args: argparse.Namespace) -> None:
+    """Before any rendering: the largest photo's arrays fit in memory (a sweep keeps its N
+    renders until the strip is drawn), and so does a PyTorch pipeline at the size it runs."""
+    h, w = max(map(image_size, photos), key=lambda s: s[0] * s[1])
+    sweep = args.focus_sweep or 0
+    # photo, bokeh, mask, compare panels (float32, 3 channels), plus the sweep's renders
+    estimate = 12 * h * w * (4 + 2 * sweep)
+    if isinstance(renderer, TorchRenderer):
+        from models.depth import activation_bytes, depth_input_size
+        from models.nafnet import activation_bytes as nafnet_bytes
+
+        h, w = renderer.size or (h, w)
+        estimate += nafnet_bytes(renderer.nafnet.config, h, w) + activation_bytes(
+            renderer.net.name, *depth_input_size(renderer.net.name, h, w, renderer.short_side))
+    what = (f"--focus-sweep {sweep} of {photos[0].name if len(photos) == 1 else 'a photo'}"
+            if sweep else f"rendering at {h}x{w}")
+    check_memory(what, estimate, "choose a smaller --focus-sweep" if sweep
+                 else "choose a smaller --size or photo")
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:
@@ -141,6 +195,9 @@ def build_parser(prog: str = "bokeh render") -> argparse.ArgumentParser:
     p.add_argument("photos", nargs="+", metavar="PHOTO",
                    help=f"photo files or folders ({', '.join(IMAGE_SUFFIXES)})")
     p.add_argument("--out", required=True, help="output folder: NAME_bokeh.png per photo")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files of the output names in --out even if this tool did not "
+                        "write them")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--tflite", help=f"fused bokeh_*.tflite (default {DEFAULT_TFLITE}; with "
                                       f"the controls {DEFAULT_CONTROLS_TFLITE})")
@@ -189,6 +246,7 @@ def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     photos = collect_photos(args.photos)
+    check_outputs(photos, Path(args.out), args)
     controlled = any(v is not None for v in (args.focus_at, args.strength, args.focus_sweep))
     if args.focus_at is not None:
         check_focus_point(args.focus_at, photos)
@@ -209,6 +267,7 @@ def _run(args: argparse.Namespace) -> int:
             raise UserError(f"{renderer.label}: takes no focus or strength (a plain model); "
                             "--focus-at, --strength and --focus-sweep need the controls model, "
                             "e.g. bokeh_controls_fp32.tflite (bokeh export --controls)")
+    check_render_memory(renderer, photos, args)
     out = ensure_writable_dir(args.out)
     for w in renderer.warnings:
         print(f"WARNING: {w}")
@@ -237,6 +296,7 @@ def _run(args: argparse.Namespace) -> int:
                       for f in sweep_focuses(args.focus_sweep)]
             written.append(save_png(out / f"{path.stem}_sweep.png",
                                     sweep_image(mask, panels, height)))
+        record(out, written)
         text = "" if focus is None else f", focus {focus:.3f} at {args.focus_at}"
         tqdm.write(f"  {path.name} ({how}{text}) -> {', '.join(p.name for p in written)}")
     return 0

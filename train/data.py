@@ -5,7 +5,7 @@ either an index (validation: no augmentation, optional centre crop) or ``(index,
 (training: a random crop and flips drawn from ``seed, epoch, index``, so an epoch's samples do not
 depend on worker count, rank or where a resumed run restarted).
 
-Masks come from a depth cache (one 16-bit PNG per image, ``python -m train.depth_cache``) and are
+Masks come from a depth cache (one 16-bit PNG per image, ``bokeh depth-cache``) and are
 min-max normalised per image to [0,1], as the fused phone graph does.
 """
 

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.errors import UserError
+from common.errors import CheckpointError, UserError
 from common.metrics import ssim
+from models.checkpoint import load_weights_only
 
 
 def ssim_loss(output: Tensor, target: Tensor) -> Tensor:
@@ -159,9 +160,9 @@ def load_vgg19_features(path: str | Path | None, allow_random: bool = False) -> 
         if not path.is_file():
             raise VGGWeightsError(f"{path}: no such VGG19 weights file")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many types for a corrupt file
-            raise VGGWeightsError(f"{path}: not a readable PyTorch file ({exc})") from None
+            state = load_weights_only(path)
+        except CheckpointError as exc:
+            raise VGGWeightsError(f"{path}: {exc}") from None
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         expected = model.state_dict()

@@ -7,11 +7,11 @@ and 5) trained by WGAN-GP (lambda 1). Adam lr 1e-4, betas (0, 0.9) for generator
 One file, read top to bottom: configuration, distributed setup, data, models, resume, then one
 loop that trains, logs, validates and checkpoints. Examples:
 
-    python -m train.trainer --preset quick --allow-random-vgg              # CPU smoke run
-    python -m train.trainer --data ebb --data-root EBB --depth-dir EBB/depth \\
+    bokeh train --preset quick --allow-random-vgg                          # CPU smoke run
+    bokeh train --data ebb --data-root EBB --depth-dir EBB/depth \\
         --vgg-weights vgg19-dcbb9e9d.pth --out runs/paper                   # the paper's run
     torchrun --nproc_per_node 8 -m train.trainer ...                         # 8 GPUs (DDP)
-    python -m train.trainer ... --resume                                     # continue exactly
+    bokeh train ... --resume                                                 # continue exactly
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ from common.cli import non_negative_int, positive_float, positive_int
 from common.errors import CheckpointError, UserError
 from common.files import atomic_path, write_bytes
 from common.images import save_png
+from common.interrupt import StopRequest
 from common.metrics import psnr
+from models.checkpoint import load_weights_only
 from models.discriminator import NLayerDiscriminator, dual_scale_critics
 from models.lpips import LPIPS, load_lpips
 from models.nafnet import PAPER_CONFIG, NAFNet
@@ -87,7 +89,11 @@ class NonFiniteLoss(RuntimeError):
     """A NaN or Inf loss: the run stops before the bad step touches any weights."""
 
 
-def parse_args(argv: list[str] | None = None, prog: str = "python -m train.trainer"
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C: the run stopped after a whole step and saved it (``args[0]``: the checkpoint)."""
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "bokeh train"
                ) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog=prog, description=__doc__,
@@ -421,8 +427,10 @@ def one_line(exc: BaseException) -> str:
 # -----------------------------------------------------------------------------------------------
 
 
-def train(cfg: argparse.Namespace) -> dict:
-    """Run (or resume) training; returns the summary also written to ``out/summary.json``."""
+def train(cfg: argparse.Namespace, stop: StopRequest | None = None) -> dict:
+    """Run (or resume) training; returns the summary also written to ``out/summary.json``.
+    When ``stop`` is requested (Ctrl-C) the run finishes its step, saves a checkpoint and
+    raises ``Interrupted``."""
     # -- distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK -------------------------------
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if ddp:
@@ -432,6 +440,7 @@ def train(cfg: argparse.Namespace) -> dict:
         device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
         if cuda:
             torch.cuda.set_device(device)
+        stop = None  # ranks would stop at different steps and wait for each other forever
     else:
         rank, world, device = 0, 1, torch.device(cfg.device)
     master = rank == 0
@@ -502,9 +511,9 @@ def train(cfg: argparse.Namespace) -> dict:
             raise ConfigError(f"{ckpt_dir}: no checkpoint to resume from")
         path = found[-1]
         try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a truncated file: atomic writes make this rare
-            raise CheckpointError(f"{path}: not a readable checkpoint ({exc})") from None
+            ck = load_weights_only(path)
+        except CheckpointError as exc:  # a truncated file: atomic writes make this rare
+            raise CheckpointError(f"{path}: {exc}") from None
         missing = [k for k in RESUME_KEYS if not isinstance(ck, dict) or k not in ck]
         if missing:
             raise CheckpointError(f"{path}: not a checkpoint of this trainer (no "
@@ -532,6 +541,9 @@ def train(cfg: argparse.Namespace) -> dict:
                   file=sys.stderr)
         if master:
             print(f"resumed from {path} (step {step}, epoch {epoch}, batch {batch_in_epoch})")
+        if cfg.max_steps and step >= cfg.max_steps:
+            raise ConfigError(f"--max-steps {cfg.max_steps}: {path} is already at step {step}; "
+                              "nothing to train (give a larger --max-steps, or none)")
 
     def save_checkpoint() -> Path | None:
         """Everything needed to continue exactly; every rank joins (RNG gather), rank 0 writes."""
@@ -636,13 +648,15 @@ def train(cfg: argparse.Namespace) -> dict:
                 bar.update(1)
             if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                 save_checkpoint()
-            if cfg.max_steps and step >= cfg.max_steps:
+            if cfg.max_steps and step >= cfg.max_steps or stop is not None and stop.requested:
                 stopped_early = True
                 break
         if bar:
             bar.close()
         if stopped_early:
             path = save_checkpoint()
+            if stop is not None and stop.requested:
+                raise Interrupted(path)
             if master:
                 print(f"stopped at --max-steps {cfg.max_steps}: {path}; continue with --resume")
             break
@@ -720,11 +734,17 @@ def print_summary(summary: dict) -> None:
         print(f"\nnext: make export NAFNET_CKPT={summary['checkpoint']}")
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m train.trainer") -> int:
+def main(argv: list[str] | None = None, prog: str = "bokeh train") -> int:
     cfg = parse_args(argv, prog)
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
-        train(cfg)
+        with StopRequest() as stop:
+            train(cfg, stop)
+    except KeyboardInterrupt as exc:
+        saved = (f" after step {int(exc.args[0].stem.split('_')[-1])}; checkpoint {exc.args[0]} "
+                 "(continue with --resume)") if isinstance(exc, Interrupted) else ""
+        print(f"{prog}: interrupted{saved}", file=sys.stderr)
+        return 130
     except NonFiniteLoss as exc:
         found = checkpoints(Path(cfg.out) / "checkpoints")  # nothing is written after a bad step
         print(f"{prog}: error: {exc}: stopped before this step changed any weights; last good "

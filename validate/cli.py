@@ -13,6 +13,7 @@ from pathlib import Path
 
 from common.cli import non_negative_int, positive_float, positive_int, run_command
 from common.errors import UserError
+from export.arith import POLICIES
 
 VERBS = {  # verb -> "module:function" taking (argv, prog)
     "parity": "validate.cli:parity_main",
@@ -41,6 +42,7 @@ def parity_parser(prog: str = "validate parity") -> argparse.ArgumentParser:
         f"  {prog} --tflite build/export/bokeh_fp32.tflite\n"
         f"  {prog} --tflite build/export/bokeh_fp16.tflite --images ~/photos --tflite-only\n"
         f"  {prog} --tflite build/export/nafnet_fp32.tflite --json parity.json\n"
+        f"  {prog} --tflite build/export/bokeh_fp16.tflite --tflite-only --arithmetic fp16\n"
         f"  {prog} --tflite build/export/bokeh_controls_fp32.tflite --pair 1,1 --pair 0.3,0.6\n"
         f"  {prog} --export-dir build/export   # every file report.json lists, one process")
     what = par.add_mutually_exclusive_group(required=True)
@@ -61,6 +63,11 @@ def parity_parser(prog: str = "validate parity") -> argparse.ArgumentParser:
                      help="run the TFLite file on LiteRT's CPU (XNNPACK) or GPU accelerator; "
                           "gpu also compares it with the CPU (default %(default)s; a GPU "
                           "device: make setup-gpu)")
+    par.add_argument("--arithmetic", choices=POLICIES,
+                     help="run the TFLite file op by op in this arithmetic (export/arith.py) "
+                          "instead of LiteRT: fp16 is what a phone GPU computes; also compared "
+                          "with the same file in fp32 arithmetic, naming the first op that "
+                          "made an inf/NaN (slow: numpy)")
     par.add_argument("--pair", action="append", type=control_pair, metavar="FOCUS,STRENGTH",
                      help="a controls model (bokeh_controls_*.tflite): check at this (focus, "
                           "strength), repeatable (default: 1,1 0,1 0.5,0.5 0.25,0.75; 1,1 is "
@@ -102,7 +109,7 @@ def parity_main(argv: list[str] | None = None, prog: str = "validate parity") ->
         result = run_parity(args.tflite, args.checkpoint, args.images, args.atol,
                             args.num_random, tflite_only=args.tflite_only,
                             control_pairs=args.pair or CONTROL_PAIRS,
-                            accelerator=args.accelerator)
+                            accelerator=args.accelerator, arithmetic=args.arithmetic)
         print(format_table(result))
         if args.json:
             write_json(args.json, result)
@@ -125,7 +132,8 @@ def parity_main(argv: list[str] | None = None, prog: str = "validate parity") ->
         given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--atol", args.atol),
                                           ("--tflite-only", args.tflite_only),
                                           ("--pair", args.pair),
-                                          ("--accelerator", args.accelerator != "cpu")) if value]
+                                          ("--accelerator", args.accelerator != "cpu"),
+                                          ("--arithmetic", args.arithmetic)) if value]
         if given:
             raise UserError(f"{', '.join(given)}: only with --tflite (one file); --export-dir "
                             "checks each file with its manifest's settings")

@@ -23,6 +23,7 @@ import torch
 
 from common.errors import UserError
 from common.images import fit_to_size, list_images, load_rgb
+from common.limits import check_memory
 from common.metrics import psnr
 from export.manifest import TOLERANCE, control_inputs, read_manifest
 from export.runner import TFLiteRunner
@@ -35,6 +36,8 @@ CONTROL_PAIRS = ((1.0, 1.0), (0.0, 1.0), (0.5, 0.5), (0.25, 0.75))
 # two agree to float rounding (measured <= 1.5e-6 up to 1024x1536); a phone GPU computes in fp16,
 # which the manifest's fp16 tolerance against PyTorch covers.
 GPU_VS_CPU = 1e-4
+# where a tflite-arith stage's outputs carry the whole run (export/arith.py's ArithmeticRun)
+ARITH_RUN = "arithmetic run"
 
 
 @dataclass
@@ -42,6 +45,11 @@ class ParityInput:
     label: str
     value: np.ndarray  # NHWC float32 [1, H, W, C]
     controls: dict[str, float] | None = None  # focus, strength of a controls model
+
+
+# Floats per pixel kept for one parity input: the photo (3), NAFNet's input and output (4 + 3),
+# the bokeh and the mask (3 + 1), and the file's own outputs (4): a lower bound.
+REFERENCE_FLOATS = 18
 
 
 def with_controls(inputs: list[ParityInput], pairs) -> list[ParityInput]:
@@ -100,6 +108,15 @@ def stage_runner(stage: dict, folder: Path) -> Callable[[np.ndarray], dict[str, 
 
         def run(x):
             return runner(**x) if isinstance(x, dict) else runner(x)
+    elif engine == "tflite-arith":  # export/arith.py: the file op by op in numpy, a policy
+        from export.arith import run_arithmetic
+
+        names = [d["name"] for d in TFLiteRunner(path).inputs]
+
+        def run(x):
+            feeds = dict(x) if isinstance(x, dict) else {names[0]: x}
+            result = run_arithmetic(path, feeds, stage["policy"], reference="fp32")
+            return {**result.outputs, ARITH_RUN: result}
     elif engine == "tflite-gpu":  # LiteRT's GPU accelerator alone, in a child process
         from export.accelerator import AcceleratorError, run_on_gpu
 
@@ -157,6 +174,13 @@ def parity_inputs(manifest: dict, images: str | Path | None, num_random: int = 2
 
 
 def compare(reference: np.ndarray, output: np.ndarray) -> dict:
+    """Max and mean absolute difference and PSNR; an output with NaN or inf is an error row
+    (no PSNR is reported for it)."""
+    for what, array in (("output", output), ("PyTorch reference", reference)):
+        bad = int(array.size - np.isfinite(array).sum())
+        if bad:
+            return {"error": f"{bad} non-finite values (NaN or inf) of {array.size} in the "
+                             f"{what}"}
     diff = np.abs(reference.astype(np.float64) - output.astype(np.float64))
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
             "psnr_db": round(psnr(reference, output), 2)}
@@ -165,7 +189,10 @@ def compare(reference: np.ndarray, output: np.ndarray) -> dict:
 def stage_tolerance(stage: dict, manifest: dict, atol: float | None) -> dict[str, dict]:
     """Per output: the TFLite file's manifest tolerance; fp32 defaults for earlier stages;
     ``--atol`` replaces every absolute bound."""
-    if stage["engine"] in ("tflite", "tflite-gpu"):
+    if stage["engine"] == "tflite-arith" and stage["policy"] != "fp32":
+        # a GPU computes an fp32 file in fp16 too: the model's fp16 bounds, whatever the file
+        tol = TOLERANCE[manifest["model"]]["fp16"]
+    elif stage["engine"] in ("tflite", "tflite-gpu", "tflite-arith"):
         tol = manifest["tolerance"]
     else:
         tol = TOLERANCE[stage.get("role", manifest["model"])]["fp32"]
@@ -207,6 +234,9 @@ def _check_stage(stage: dict, run, inputs, expected, tol) -> dict:
                 row["error"] = f"no output named {name!r} (has {sorted(got)})"
             elif got[name].shape != want.shape:
                 row["error"] = f"shape {list(got[name].shape)} != {list(want.shape)}"
+            elif not np.all(np.isfinite(got[name])):
+                bad = int(np.count_nonzero(~np.isfinite(got[name])))
+                row["error"] = f"{bad} of {got[name].size} values are inf/NaN"
             else:
                 row.update(compare(want, got[name]))
             rows.append(row)
@@ -226,6 +256,7 @@ def run_parity(
     tflite_only: bool = False,
     control_pairs=CONTROL_PAIRS,
     accelerator: str = "cpu",
+    arithmetic: str | None = None,
     reference: Reference | None = None,
 ) -> dict:
     """Diff every stage present against PyTorch; the result says per stage whether it passed.
@@ -235,14 +266,41 @@ def run_parity(
     its defaults, is also compared with the plain model beside it (fp32 tolerance: equal).
     With ``accelerator="gpu"`` the TFLite file runs on LiteRT's GPU accelerator, checked against
     PyTorch with the manifest's tolerance and against the same file on the CPU within
-    ``GPU_VS_CPU`` (docs/design.md, section 9). ``reference``: a PyTorch reference already
-    built for this manifest (``check_export`` shares one between files).
+    ``GPU_VS_CPU`` (docs/design.md, section 9).
+    With ``arithmetic`` (a policy of export/arith.py, e.g. "fp16") the TFLite file is run op by
+    op in that arithmetic instead of by LiteRT, checked against PyTorch (the manifest's
+    tolerance; under an fp16 policy the model's fp16 one, for an fp32 file too) and against
+    the same file in fp32 arithmetic with the fp16 floors (``export.arith.min_psnr``); the
+    first op that made an inf/NaN is reported (docs/design.md, section 12).
+    ``reference``: a PyTorch reference already built for this manifest (``check_export``
+    shares one between files).
     """
     if accelerator not in ("cpu", "gpu"):
         raise UserError(f"unknown accelerator {accelerator!r}; choose cpu or gpu")
+    if arithmetic is not None:
+        from export.arith import POLICIES
+
+        if arithmetic not in POLICIES:
+            raise UserError(f"unknown arithmetic {arithmetic!r}; choose from "
+                            f"{', '.join(POLICIES)}")
+        if accelerator != "cpu":
+            raise UserError("--arithmetic runs the file in numpy; it takes no --accelerator")
     tflite = Path(tflite)
     manifest, folder = read_manifest(tflite)
+    if accelerator == "gpu":
+        from export.tflite_info import flex_ops
+
+        flex = flex_ops(tflite)
+        if flex:
+            raise UserError(f"{tflite}: needs Flex ops ({', '.join(flex)}), which no GPU "
+                            "backend runs; --accelerator gpu refuses it (parity on the CPU "
+                            "still checks it)")
     reference = reference or Reference(manifest, checkpoint)
+    if images is None:  # every input's PyTorch outputs are kept until every stage is compared
+        _, height, width, _ = manifest["inputs"][0]["shape"]
+        runs = num_random * max(1, len(control_pairs) if control_inputs(manifest) else 1)
+        check_memory(f"--num-random {num_random} at {height}x{width}",
+                     runs * height * width * 4 * REFERENCE_FLOATS, "choose a smaller --num-random")
     inputs = parity_inputs(manifest, images, num_random, echo=echo)
     defaults = control_inputs(manifest)
     if defaults:
@@ -266,6 +324,9 @@ def run_parity(
         for ref in expected:
             ref["cpu"] = cpu_run(ref[kind]["input"])
         final = {**final, "name": final["name"] + " on GPU", "engine": "tflite-gpu"}
+    if arithmetic is not None:
+        final = {**final, "name": f"{final['name']} in {arithmetic} arithmetic",
+                 "engine": "tflite-arith", "policy": arithmetic}
     earlier = [] if tflite_only else manifest["stages"]
     stages = [s for s in earlier if (folder / s["path"]).exists()] + [final]
     results = []
@@ -275,8 +336,12 @@ def run_parity(
         run = runners.get(stage["name"]) or stage_runner(stage, folder)
         results.append(_check_stage(stage, run, inputs, expected,
                                     stage_tolerance(stage, manifest, atol)))
+    arith = None
+    if arithmetic is not None:
+        arith = _arithmetic_checks(final, runners[final["name"]], inputs, expected, kind)
+        results.append(arith.pop("stage"))
     sibling = tflite.with_name(tflite.name.replace(f"_{manifest.get('variant')}.", "_fp32."))
-    if manifest.get("variant", "fp32") != "fp32" and sibling.is_file():
+    if manifest.get("variant", "fp32") != "fp32" and sibling.is_file() and arithmetic is None:
         fp32_run = stage_runner({**final, "path": sibling.name}, folder)
         for ref in expected:
             ref[sibling.name] = fp32_run(ref[kind]["input"])
@@ -291,7 +356,7 @@ def run_parity(
     plain = tflite.with_name(tflite.name.replace("bokeh_controls_", "bokeh_", 1))
     at_defaults = [(i, r) for i, r in zip(inputs, expected, strict=True)
                    if i.controls == defaults]
-    if defaults and plain != tflite and plain.is_file() and at_defaults:
+    if defaults and plain != tflite and plain.is_file() and at_defaults and arithmetic is None:
         plain_run = stage_runner({**final, "path": plain.name}, folder)
         for inp, ref in at_defaults:
             ref[plain.name] = plain_run(inp.value)
@@ -304,12 +369,34 @@ def run_parity(
     last = next(r for r in results if r["stage"] == final["name"])
     return {
         "tflite": tflite.name, "model": kind, "variant": manifest.get("variant"),
-        "accelerator": accelerator,
+        "accelerator": accelerator, **({"arithmetic": arith} if arith else {}),
         "inputs": [i.label for i in inputs], "stages": results,
         "passed": all(r["passed"] for r in results),
         "max_abs_diff": last["max_abs_diff"],
         "summary": _summary(last),
     }
+
+
+def _arithmetic_checks(final: dict, run, inputs, expected, kind: str) -> dict:
+    """The arithmetic run of each input (cached by ``run``) against the same file in fp32
+    arithmetic, as a parity stage, and the first op that made an inf/NaN."""
+    from export.arith import min_psnr
+
+    firsts = []
+    for inp, ref in zip(inputs, expected, strict=True):
+        result = run(ref[kind]["input"])[ARITH_RUN]
+        ref["fp32 arithmetic"] = result.reference_outputs
+        first = result.first_nonfinite()
+        if first is not None:
+            firsts.append({"input": inp.label, "index": first.index, "name": first.name,
+                           "kind": first.kind, "input_ranges": first.input_ranges,
+                           "output_range": first.output_range})
+    tol = {name: {"min_psnr": min_psnr(name)} for name in expected[0]["fp32 arithmetic"]}
+    stage = _check_stage({**final, "name": f"{final['name']} vs fp32 arithmetic",
+                          "against": "fp32 arithmetic"}, run, inputs, expected, tol)
+    return {"policy": final["policy"], "stage": stage,
+            "first_nonfinite": firsts[0] if firsts else None,
+            "inputs_with_nonfinite": [f["input"] for f in firsts]}
 
 
 def export_files(folder: str | Path) -> list[Path]:
@@ -375,6 +462,13 @@ def format_table(result: dict) -> str:
                 f"{k} {v:g}" for k, v in tol.items()) + ")"
             lines.append(f"{head} {row['max_abs_diff']:>9.2e} {row['mean_abs_diff']:>9.2e} "
                          f"{row['psnr_db']:>8.1f}  {verdict}")
+    first = (result.get("arithmetic") or {}).get("first_nonfinite")
+    if first:
+        ranges = ", ".join(f"[{r[0]:.4g}, {r[1]:.4g}]" for r in first["input_ranges"] if r)
+        lo, hi = first["output_range"]
+        lines.append(f"first inf/NaN in {result['arithmetic']['policy']} arithmetic "
+                     f"({first['input']}): op {first['index']} {first['kind']} "
+                     f"{first['name']!r}, inputs {ranges} -> [{lo:.4g}, {hi:.4g}]")
     lines.append("PASS: every stage within tolerance" if result["passed"]
                  else "FAIL: " + ", ".join(s["stage"] for s in result["stages"]
                                            if not s["passed"]) + " outside tolerance")

@@ -30,10 +30,11 @@ class TFLiteRenderer:
 
     def __init__(self, path: str | Path, threads: int | None = None, runtime: str = "litert"):
         path = Path(path)
-        probe = make_interpreter(path, allocate=False)
+        probe = make_interpreter(path, allocate=False)  # a corrupt file is refused first
+        manifest, _ = read_manifest(path)  # then one that is not one of ours
         inputs, outputs = probe.get_input_details(), probe.get_output_details()
         names = {d["name"] for d in outputs}
-        if len(inputs) == 1 and int(inputs[0]["shape"][-1]) == 4:
+        if manifest["model"] == "nafnet":
             raise UserError(f"{path}: is NAFNet alone (photo + depth mask in); render needs the "
                             "fused model that computes its own mask, e.g. bokeh_fp32.tflite")
         photos = [d for d in inputs if d["name"] not in CONTROLS]
@@ -57,7 +58,7 @@ class TFLiteRenderer:
         self.size = tuple(int(d) for d in self.input["shape"][1:3])
         self.label = path.name
         self.path = path
-        self.warnings = _manifest_warnings(path)
+        self.warnings = list(manifest.get("warnings", []))
 
     @property
     def has_controls(self) -> bool:
@@ -78,15 +79,6 @@ class TFLiteRenderer:
         bokeh = self.interpreter.get_tensor(self.outputs["bokeh"])[0]
         mask = self.interpreter.get_tensor(self.outputs["mask"])[0, ..., 0]
         return np.clip(bokeh, 0.0, 1.0), mask
-
-
-def _manifest_warnings(path: Path) -> list[str]:
-    manifest = path.with_suffix(".manifest.json")
-    if not manifest.is_file():
-        return []
-    from common.files import read_json
-
-    return list(read_json(manifest).get("warnings", []))
 
 
 class TorchRenderer:
@@ -149,6 +141,10 @@ def render(renderer: RenderFn, size: tuple[int, int] | None, rgb: np.ndarray,
     size = size or rgb.shape[:2]
     fitted, where = letterbox(rgb, *size)
     bokeh, mask = renderer(fitted, **controls)
+    bad = int(np.size(bokeh) - np.isfinite(bokeh).sum() + np.size(mask) - np.isfinite(mask).sum())
+    if bad:  # NaN clips to black: never written as if it were a render
+        raise UserError(f"{getattr(renderer, 'label', 'the model')}: its output holds {bad} "
+                        "non-finite values (NaN or inf); are its weights finite? nothing written")
     return unletterbox(bokeh, where), unletterbox(mask, where), where.describe(size)
 
 
