@@ -16,9 +16,8 @@ DEPTH_WEIGHTS ?= $(DPT_WEIGHTS)
 EXPORT_ARGS ?=
 CALIB_DIR ?=
 CALIB_SAMPLES ?= 8
-# int16x8 is opt-in: TFLite has no int16 SQUARED_DIFFERENCE kernel (the LayerNorms use it), so
-# the file converts but cannot run, after a full calibration (docs/benchmarks.md).
-QUANT_VARIANTS ?= drq,int8
+# The quantized variants: unset, the defaults of the one variant table (export/variants.py;
+# `bokeh variants` prints it); QUANT_VARIANTS= for none, or a list, e.g. drq,int8,int16x8.
 
 # setup-gpu: optional, never needed by make export (docs/design.md, section 9).
 .PHONY: setup setup-gpu test export bench bench-fp16 bench-depth bench-runtime bench-passes bench-peers litert-torch-env lint clean train
@@ -58,7 +57,8 @@ export: $(VENV_STAMP)
 		$(if $(NAFNET_CKPT),--checkpoint $(NAFNET_CKPT)) \
 		$(if $(DEPTH),--depth $(DEPTH)) \
 		$(if $(DEPTH_WEIGHTS),--depth-weights $(DEPTH_WEIGHTS)) \
-		--quant-variants '$(QUANT_VARIANTS)' --calib-samples $(CALIB_SAMPLES) \
+		$(if $(filter undefined,$(origin QUANT_VARIANTS)),,--quant-variants '$(QUANT_VARIANTS)') \
+		--calib-samples $(CALIB_SAMPLES) \
 		$(if $(CALIB_DIR),--calib-dir $(CALIB_DIR)) \
 		$(EXPORT_ARGS)
 	$(BIN)/bokeh parity --export-dir $(OUT) --num-random 1

@@ -16,22 +16,12 @@ from common.errors import UserError
 from common.files import read_json, write_json
 from export.runner import make_interpreter
 from export.tflite_info import TFLiteInfo, gpu_verdict, inspect_tflite
+from export.variants import VARIANTS, describe
 
 MANIFEST_FORMAT = "bokehlite-manifest/1"
-# `validate parity` defaults, per model, variant and output (outputs in [0, 1]): "atol" bounds the
-# largest absolute difference, "min_psnr" the PSNR in dB against the PyTorch reference.
-TOLERANCE = {
-    "nafnet": {"fp32": {"output": {"atol": 1e-4}},
-               "fp16": {"output": {"atol": 2e-2, "min_psnr": 45.0}}},
-    "bokeh": {"fp32": {"bokeh": {"min_psnr": 60.0}, "mask": {"atol": 1e-3}},
-              "fp16": {"bokeh": {"min_psnr": 45.0}, "mask": {"atol": 5e-2}},
-              # Quantized variants: PSNR floors from measurements on held-out photos and random
-              # inputs, docs/benchmarks.md.
-              "drq": {"bokeh": {"min_psnr": 40.0}, "mask": {"min_psnr": 30.0}},
-              "int8": {"bokeh": {"min_psnr": 30.0}, "mask": {"min_psnr": 20.0}},
-              "int16x8": {"bokeh": {"min_psnr": 40.0}, "mask": {"min_psnr": 30.0}},
-              "int8-selective": {"bokeh": {"min_psnr": 30.0}, "mask": {"min_psnr": 20.0}}},
-}
+# `validate parity` bounds per model, variant and output: export/variants.py, the one table.
+TOLERANCE = {model: {v.name: v.tolerance[model] for v in VARIANTS if model in v.tolerance}
+             for model in ("nafnet", "bokeh")}
 DESCRIPTIONS = {
     "nafnet": {"input": "photo RGB + depth mask, NHWC, values in [0, 1]",
                "output": "bokeh RGB, NHWC, about [0, 1] (not clipped)"},
@@ -107,7 +97,7 @@ def write_manifest(tflite: Path, variant: str, base: dict, extra: dict | None = 
         "inputs": [_io_entry(t, descriptions.get(t["name"], ""), base.get("controls"))
                    for t in info.inputs],
         "outputs": [_io_entry(t, descriptions.get(t["name"], "")) for t in info.outputs],
-        "tolerance": TOLERANCE[base["model"]][variant],
+        "tolerance": TOLERANCE[base["model"]][variant], "variant_info": describe(variant),
         "flex_ops": info.flex_ops, "max_rank": info.max_rank,
         "gpu_compatible": summary["gpu_compatible"], "gpu_reasons": summary["gpu_messages"],
         "gpu_execution": summary["gpu_execution"],

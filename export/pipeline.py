@@ -7,6 +7,7 @@ with per-stage timings, op histograms, Flex ops, maximum rank and the GPU-compat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 from collections.abc import Callable
@@ -22,8 +23,9 @@ from common.quiet import quiet_tensorflow
 from export import folder, onnx_stages, tf_stages, tflite_stage
 from export.arith import verdict_line
 from export.manifest import MANIFEST_FORMAT, write_manifest
-from export.quantize import QUANT_VARIANTS, write_quant_variants
+from export.quantize import write_quant_variants
 from export.report import StageLog, banner, summary_text, write_report
+from export.variants import check_names
 from models.nafnet import PAPER_CONFIG, load_nafnet, random_nafnet
 from models.nafnet import activation_bytes as nafnet_activation_bytes
 
@@ -40,11 +42,61 @@ RANDOM_DEPTH_WARNING = (
 
 
 def load_generator(checkpoint: str | Path | None, seed: int = 0) -> tuple[torch.nn.Module, dict]:
-    """The NAFNet to export and the manifest's record of where its weights came from."""
+    """The NAFNet to export and the manifest's record of where its weights came from, with the
+    depth net whose masks it was trained on (``trained_with_depth``: the trainer's record,
+    ``None`` when the checkpoint does not say)."""
     if checkpoint:
+        from collections.abc import Mapping
+
+        from models.checkpoint import read_checkpoint
+
         model = load_nafnet(checkpoint)
-        return model, {"checkpoint": str(Path(checkpoint).resolve()), "random_seed": None}
-    return random_nafnet(PAPER_CONFIG, seed), {"checkpoint": None, "random_seed": seed}
+        raw = read_checkpoint(checkpoint)[0]
+        trained = raw.get("depth") if isinstance(raw, Mapping) else None
+        return model, {"checkpoint": str(Path(checkpoint).resolve()), "random_seed": None,
+                       "trained_with_depth": trained if isinstance(trained, dict) else None}
+    return random_nafnet(PAPER_CONFIG, seed), {"checkpoint": None, "random_seed": seed,
+                                               "trained_with_depth": None}
+
+
+def follow_checkpoint(weights: dict, depth: str | None, depth_weights: str | Path | None,
+                      short_side: int | None, seed: int, allow_mismatch: bool,
+                      warnings: list[str]) -> tuple[str | None, Path | None, int | None]:
+    """The depth net to fuse for a NAFNet trained on masks of ``weights["trained_with_depth"]``:
+    that net, its weights file (the recorded path, when it still holds the same bytes) and
+    short side, unless given. Another net, weights file or short side is refused in one line
+    naming both, or with ``allow_mismatch`` said in ``warnings``."""
+    from models.depth import (
+        describe_mask_source,
+        file_sha256,
+        mask_source,
+        resolve_depth_name,
+        same_masks,
+    )
+
+    trained = weights.get("trained_with_depth")
+    if not trained:
+        return depth, depth_weights, short_side
+    recorded = trained.get("weights")
+    if depth_weights is None and recorded and Path(recorded).is_file() and (
+            file_sha256(recorded) == trained.get("weights_sha256")):
+        depth_weights = Path(recorded)
+    name = resolve_depth_name(depth or (None if depth_weights else trained["name"]),
+                              depth_weights)
+    if short_side is None and name == trained["name"]:
+        short_side = trained["short_side"]
+    fused = mask_source(name, depth_weights, seed, short_side)
+    if not same_masks(trained, fused):
+        line = (f"{weights['checkpoint']}: NAFNet was trained on masks of "
+                f"{describe_mask_source(trained)}, but this export would fuse "
+                f"{describe_mask_source(fused)}")
+        if not allow_mismatch:
+            hint = ("give --depth-weights with that file" if trained.get("weights_sha256")
+                    and name == trained["name"] else "export with the net it was trained with")
+            raise UserError(f"{line}; {hint}, or --allow-depth-mismatch to fuse it anyway")
+        warnings.append(f"DEPTH MISMATCH (--allow-depth-mismatch): {line}; the masks it "
+                        "reads are not distributed like those it learned from")
+    return name, depth_weights, short_side
 
 
 def load_depth_net(weights: str | Path | None, name: str | None = None,
@@ -90,11 +142,14 @@ class ExportOptions:
     ``depth_short_side`` its input short side (default: the net's own). ``fuse``: also the fused
     depth net + NAFNet model (photo in); ``controls``: the fused model once more with ``focus``
     and ``strength`` inputs (export/fuse.py) as ``bokeh_controls_{variant}.tflite``.
-    ``quant_variants`` (of ``QUANT_VARIANTS``) are written for the fused model only.
+    ``quant_variants`` (export/variants.py) are written for the fused model only.
     ``overwrite``: replace another export in ``out_dir`` (export/folder.py). ``gpu_check``: run
     every float file once on LiteRT's GPU accelerator where a device is found.
     ``reuse_nafnet``: an export folder of the same NAFNet (weights, size, opset) whose ONNX,
     SavedModel and frozen graph are copied instead of converted again.
+    A ``checkpoint`` that records the depth net its masks came from (``bokeh train``) decides
+    the fused net: ``depth``, ``depth_weights`` and ``depth_short_side`` default to it, and
+    another is refused unless ``allow_depth_mismatch`` (``follow_checkpoint``).
     """
 
     out_dir: Path = Path("build/export")
@@ -114,6 +169,7 @@ class ExportOptions:
     overwrite: bool = False
     gpu_check: bool = True
     reuse_nafnet: Path | None = None
+    allow_depth_mismatch: bool = False
 
     def __post_init__(self):
         for name in ("out_dir", "checkpoint", "depth_weights", "reuse_nafnet"):
@@ -123,14 +179,8 @@ class ExportOptions:
         object.__setattr__(self, "variants", tuple(self.variants))
         object.__setattr__(self, "quant_variants", tuple(self.quant_variants))
         check_size(self.height, self.width)
-        for v in self.variants:
-            if v not in tflite_stage.VARIANTS:
-                raise UserError(f"unknown variant {v!r}; this export writes "
-                                f"{tflite_stage.VARIANTS}")
-        for v in self.quant_variants:
-            if v not in QUANT_VARIANTS:
-                raise UserError(f"unknown quantized variant {v!r}; expected some of "
-                                f"{QUANT_VARIANTS}")
+        check_names(self.variants, quantized=False)
+        check_names(self.quant_variants, quantized=True)
         if not 12 <= self.opset <= 15:
             raise UserError(f"opset {self.opset} is outside 12-15, the range onnx-tf 1.10 "
                             "converts")
@@ -256,6 +306,12 @@ def export(options: ExportOptions, calibration=None,
         folder.check(o.out_dir, o.overwrite)  # before loading anything: a bad folder fails at once
         model, weights = load_generator(o.checkpoint, o.seed)
         warnings = [RANDOM_WEIGHTS_WARNING.format(seed=o.seed)] if o.checkpoint is None else []
+        if o.fuse:
+            depth, depth_weights, short_side = follow_checkpoint(
+                weights, o.depth, o.depth_weights, o.depth_short_side, o.seed,
+                o.allow_depth_mismatch, warnings)
+            o = dataclasses.replace(o, depth=depth, depth_weights=depth_weights,
+                                    depth_short_side=short_side)
         config = dict(model.config)
         reuse = None if o.reuse_nafnet is None else _reusable_nafnet(o, weights, config)
         record = depth_model = None

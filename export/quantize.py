@@ -18,19 +18,39 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from common.files import write_bytes
-from common.quiet import quiet_native
+from common.quiet import quiet_native, quiet_tensorflow
 from export import tflite_stage
 from export.manifest import write_manifest
 from export.report import StageLog
 from export.runner import make_interpreter, run_tflite
+from export.variants import names
+from export.variants import variant as variant_entry
+from models.depth import FAMILIES
 
-QUANT_VARIANTS = ("drq", "int8", "int16x8")  # fused model only; int16x8 where TFLite allows
+QUANT_VARIANTS = names(quantized=True)  # fused model only (export/variants.py)
 CALIBRATED = "bokeh_calibrated.tflite"
+# The layers each variant keeps in float, per depth-net family (models/depth.py FAMILIES): name
+# patterns (regular expressions on the op's output tensor, inside the depth net's Keras scope)
+# and op kinds. Measured at 256x384 on the five photos of docs/benchmarks.md, bokeh PSNR against
+# the fp32 file, worst photo (random weights: a random net amplifies an early layer's rounding
+# through every later one, so the first encoder stages cost the most):
+# - midas-small drq: 31.4 dB all int8; EfficientNet stem + block 0 float 34.5, + block 1 39.8,
+#   + the first block of stage 3 45.4 dB (19.9 MB against 18.2 MB); the decoder float: 31.4.
+# - depth-anything-v2-small int8: 25.0 dB; attention (BATCH_MATMUL, SOFTMAX) float 35.1 dB;
+#   the first two ViT blocks float 25.5, the DPT head float 24.9: no gain.
+# - int8-mixed: the whole depth net float (depth-anything-v2-small: 37.4 dB).
+SENSITIVE_LAYERS: dict[str, dict[str, dict[str, tuple[str, ...]]]] = {
+    "drq": {"midas-small": {"nodes": (r"pretrained\.layer[12]\.", r"pretrained\.layer3\.0\.")}},
+    "int8": {"depth-anything-v2": {"ops": ("BATCH_MATMUL", "SOFTMAX")}},
+    "int8-mixed": {family: {"nodes": (re.escape(f.keras_scope),)}
+                   for family, f in FAMILIES.items()},
+}
 
 
 class QuantizationUnsupported(Exception):
@@ -44,18 +64,53 @@ def _reason(exc: Exception, limit: int = 300) -> str:
     return last[:limit]
 
 
+def sensitive_layers(variant: str, family: str | None) -> dict[str, tuple[str, ...]]:
+    """What ``variant`` keeps in float for a depth net of ``family``: ``nodes`` (patterns) and
+    ``ops`` (kinds); empty when it quantizes everything it can."""
+    return SENSITIVE_LAYERS.get(variant, {}).get(family or "", {})
+
+
+def output_names(model: bytes) -> list[str]:
+    """The output tensor name of every op of a .tflite (the names denylists match)."""
+    interpreter = quiet_tensorflow().lite.Interpreter(model_content=model)
+    tensors = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
+    return [tensors[op["outputs"][0]] for op in interpreter._get_ops_details()
+            if len(op["outputs"])]
+
+
+def _matches(patterns: tuple[str, ...]) -> Callable[[str], bool]:
+    return lambda name: any(re.search(p, name) for p in patterns)
+
+
 def quantize_variant(frozen_pb: Path, io_spec: dict, dest: Path, variant: str,
-                     calibration) -> tuple[Path, list[str]]:
-    """Write ``dest`` (builtin ops only) and run it once; raise QuantizationUnsupported."""
-    dataset = calibration.dataset if variant in tflite_stage.CALIBRATED_VARIANTS else None
+                     calibration, family: str | None = None) -> tuple[Path, list[str]]:
+    """Write ``dest`` (builtin ops only), the layers ``SENSITIVE_LAYERS`` names for ``family``
+    kept in float, and run it once; raise QuantizationUnsupported."""
+    dataset = calibration.dataset if variant_entry(variant).calibrated else None
+    keep = sensitive_layers(variant, family)
     try:
-        if variant == "int8":
-            calibrated = calibrate(frozen_pb, io_spec, dataset, dest.with_name(CALIBRATED))
-            path, notes = write_bytes(dest, quantize_calibrated(calibrated.read_bytes())), [
-                f"calibrated once into {CALIBRATED}, quantized by the MLIR quantizer; ops "
-                "without an int8 kernel stay float (float_ops)"]
+        if variant in ("int8", "int8-mixed"):
+            calibrated = dest.with_name(CALIBRATED)
+            if not calibrated.is_file():  # once per export: int8 and int8-mixed share it
+                calibrate(frozen_pb, io_spec, dataset, calibrated)
+            ranges = calibrated.read_bytes()
+            nodes = [n for n in output_names(ranges) if _matches(keep.get("nodes", ()))(n)]
+            path = write_bytes(dest, quantize_calibrated(ranges, nodes, keep.get("ops", ())))
+            notes = [f"calibrated once into {CALIBRATED}, quantized by the MLIR quantizer; ops "
+                     "without an int8 kernel stay float (float_ops)"]
         else:
             path, notes = tflite_stage.convert(frozen_pb, io_spec, dest, variant, dataset)
+            if keep.get("nodes"):
+                fp32 = tflite_stage.make_converter(frozen_pb, io_spec, "fp32")
+                with quiet_native((2,)):
+                    reference = fp32.convert()
+                edited, kept = with_float_weights(path.read_bytes(), reference,
+                                                  _matches(keep["nodes"]))
+                write_bytes(path, edited)
+                notes.append(f"{len(kept)} ops given back their float32 weights")
+        if keep:
+            notes.append("kept in float (export/quantize.py SENSITIVE_LAYERS): " + "; ".join(
+                f"{k} {', '.join(v)}" for k, v in keep.items()))
     except tflite_stage.FlexOpsRequired as exc:
         exc.flex_path.unlink(missing_ok=True)
         raise QuantizationUnsupported(
@@ -95,6 +150,46 @@ def quantize_calibrated(calibrated: bytes, denylisted_nodes=(), denylisted_ops=(
             denylisted_ops=list(denylisted_ops) or None)
 
 
+WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV",
+                "BATCH_MATMUL")
+
+
+def with_float_weights(quantized: bytes, fp32: bytes, keep: Callable[[str], bool]
+                       ) -> tuple[bytes, list[str]]:
+    """A dynamic-range (drq) model with the int8 weights of the ops whose output name passes
+    ``keep`` replaced by their float32 weights from the fp32 file of the same graph, so those
+    ops run the float kernel (no weight rounding, no on-the-fly activation quantization).
+
+    The converter has no denylist for dynamic-range quantization (only the calibrated
+    quantizer takes one), hence this edit of the flatbuffer: constant tensors keep their names
+    through both conversions. Returns the model and the names of the ops put back in float."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(quantized))
+    reference = flatbuffer_utils.convert_bytearray_to_object(bytearray(fp32))
+    graph, ref_graph = model.subgraphs[0], reference.subgraphs[0]
+    ref_tensors = {t.name: t for t in ref_graph.tensors}
+    codes = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    kept = []
+    for op in graph.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        kind = codes.get(max(code.builtinCode, code.deprecatedBuiltinCode))
+        if kind not in WEIGHTED_OPS:
+            continue
+        output = graph.tensors[op.outputs[0]].name.decode()
+        for index in op.inputs[1:]:
+            tensor = graph.tensors[index] if index >= 0 else None
+            if (tensor is None or tensor.type != schema.TensorType.INT8
+                    or tensor.name not in ref_tensors or not keep(output)):
+                continue
+            ref = ref_tensors[tensor.name]
+            tensor.type, tensor.quantization = schema.TensorType.FLOAT32, None
+            model.buffers[tensor.buffer].data = reference.buffers[ref.buffer].data
+            kept.append(output)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), kept
+
+
 def float_ops(path: str | Path) -> dict[str, int]:
     """Ops computing in float32 (outputs float32), by kind, DEQUANTIZE of I/O excluded: what
     an int8 variant still runs in float."""
@@ -112,18 +207,25 @@ def write_quant_variants(frozen: Path, io_spec: dict, variants: tuple[str, ...],
     """Quantized variants of the fused model, each smoke-run once; return the report entry of
     each file. A variant that cannot be built or run (int16x8 here) is recorded as not
     supported and the export goes on."""
+    from models.depth import depth_net, depth_record_of
+
+    family = depth_net(depth_record_of(manifest_base)["name"]).family
+    if any(variant_entry(v).calibrated for v in variants):  # new data: calibrate afresh, once
+        (log.out_dir / CALIBRATED).unlink(missing_ok=True)
     entries = {}
     for variant in variants:
         tflite = log.out_dir / f"bokeh_{variant}.tflite"
         try:
             _, notes = log.run(f"tflite-bokeh-{variant}", quantize_variant, frozen, io_spec,
-                               tflite, variant, calibration)
+                               tflite, variant, calibration, family)
         except QuantizationUnsupported as exc:
             entries[tflite.name] = {"unsupported": str(exc)}
             log.echo(f"  -- {tflite.name}: {exc}")
             continue
         quantization = {"calibration": calibration.record, "notes": notes,
-                        "float_ops": float_ops(tflite)}
+                        "float_ops": float_ops(tflite),
+                        "kept_float": {k: list(v) for k, v in
+                                       sensitive_layers(variant, family).items()}}
         entries[tflite.name] = write_manifest(tflite, variant, manifest_base,
                                               {"quantization": quantization})
     return entries

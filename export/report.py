@@ -57,9 +57,13 @@ def summary_text(report: dict) -> str:
     for w in report["warnings"]:
         lines.append(f"  WARNING: {w}")
     if report.get("depth"):
-        from models.depth import describe_record
+        from models.depth import describe_mask_source, describe_record
 
         lines.append(f"  depth net: {describe_record(report['depth'])}")
+        trained = (report.get("weights") or {}).get("trained_with_depth")
+        lines.append("  NAFNet trained on masks of: " + (
+            describe_mask_source(trained) if trained else "not recorded (random weights, or "
+            "a checkpoint made before bokeh train recorded its depth net)"))
     total = sum(s["seconds"] for s in report["stages"])
     lines.append(f"  {len(report['stages'])} stages in {total:.0f} s")
     for name, v in report["variants"].items():

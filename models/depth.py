@@ -361,3 +361,57 @@ def describe_record(record: Mapping) -> str:
     weights = record.get("checkpoint") or f"RANDOM (seed {record.get('random_seed') or 0})"
     norm = record.get("normalisation") or f"mean {record['mean']}, std {record['std']}"
     return f"{record['name']} ({record.get('title', '')}) at {h}x{w}, {norm}; weights: {weights}"
+
+
+def resolve_depth_name(name: str | None, weights: str | Path | None) -> str:
+    """The registered net meant: ``name`` (old ``--dpt-variant`` values too); without one, the
+    net the weights file is, else the default (DPT-Hybrid, the paper's)."""
+    if name:
+        return depth_net(name).name
+    return (checkpoint_net(weights) if weights else None) or DEFAULT_DEPTH
+
+
+# --- which net made a generator's masks (depth cache -> checkpoint -> export) --------------------
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hex SHA-256 of a file, read in 1 MiB chunks (depth files reach 1.4 GB)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def mask_source(name: str, weights: str | Path | None, seed: int,
+                short_side: int | None = None) -> dict:
+    """What a depth cache, a NAFNet checkpoint and a fused model's manifest record of the net
+    that made (or makes) the masks: name, input short side, normalisation and the weights
+    file's name and SHA-256 (random weights: their seed). Two records of the same masks are
+    equal in ``same_masks``."""
+    entry = depth_net(name)
+    return {"name": entry.name, "title": entry.title,
+            "short_side": entry.short_side if short_side is None else int(short_side),
+            "input_rule": entry.input_rule, "mean": list(entry.mean), "std": list(entry.std),
+            "weights": str(Path(weights).resolve()) if weights else None,
+            "weights_sha256": file_sha256(weights) if weights else None,
+            "random_seed": None if weights else seed}
+
+
+MASK_IDENTITY = ("name", "short_side", "weights_sha256", "random_seed")
+
+
+def same_masks(a: Mapping, b: Mapping) -> bool:
+    """Whether two ``mask_source`` records describe the same masks (net, input size, weights)."""
+    return all(a.get(k) == b.get(k) for k in MASK_IDENTITY)
+
+
+def describe_mask_source(record: Mapping) -> str:
+    """One line naming the net and its weights: ``midas-small (short side 256), weights
+    midas_v21_small_256.pt sha256 1a2b3c4d...`` or ``..., RANDOM weights (seed 0)``."""
+    weights = (f"weights {Path(record['weights']).name} sha256 {record['weights_sha256'][:12]}"
+               if record.get("weights_sha256") else
+               f"RANDOM weights (seed {record.get('random_seed')})")
+    return f"{record['name']} (short side {record['short_side']}), {weights}"

@@ -40,6 +40,17 @@ def resize_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=False)
 
 
+def depth_mask(net: nn.Module, photo: torch.Tensor, size: tuple[int, int],
+               mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """The mask the fused graph computes: ``photo`` ``[N,3,H,W]`` resized to the depth net's
+    ``size``, normalised with its ``mean`` and ``std`` (``[1,3,1,1]``), its disparity resized
+    back and min-max normalised per image. Also what fills a training depth cache
+    (train/depth_cache.py), so NAFNet trains on the masks the phone model gives it."""
+    small = resize_bilinear(photo, size)
+    disparity = net((small - mean) / std).unsqueeze(1)
+    return normalize_per_image(resize_bilinear(disparity, tuple(photo.shape[-2:])))
+
+
 def normalize_per_image(disparity: torch.Tensor) -> torch.Tensor:
     """Min-max normalise each image of ``[N,1,H,W]`` to [0, 1] (disparity has no fixed scale)."""
     low = disparity.amin(dim=(1, 2, 3), keepdim=True)
@@ -80,9 +91,7 @@ class BokehPipeline(nn.Module):
 
     def depth_mask(self, photo: torch.Tensor) -> torch.Tensor:
         """The paper's greyscale mask M: near (high disparity) is 1, far is 0."""
-        small = resize_bilinear(photo, self.depth_size)
-        disparity = self.depth((small - self.mean) / self.std).unsqueeze(1)
-        return normalize_per_image(resize_bilinear(disparity, tuple(photo.shape[-2:])))
+        return depth_mask(self.depth, photo, self.depth_size, self.mean, self.std)
 
     def nafnet_input(self, photo: torch.Tensor, mask: torch.Tensor, focus=None) -> torch.Tensor:
         """concat(photo, mask), the mask remapped by ``focus`` when given."""

@@ -18,7 +18,7 @@ from train.data import (
     folder_pairs,
     read_mask,
 )
-from train.depth_cache import build_cache, predict_disparity
+from train.depth_cache import build_cache
 from train.render import composite, disc_kernel, render_bokeh
 from train.synthetic import make_scene
 
@@ -203,22 +203,20 @@ def test_dpt_input_size():
     assert h == 384 and w % 32 == 0
 
 
-def test_depth_cache_with_a_stand_in_depth_source(tmp_path):
+def test_depth_cache_with_a_stand_in_mask_source(tmp_path):
     save_rgb(tmp_path / "images" / "0.jpg", h=30, w=45)
     seen = []
 
-    def stand_in(x):  # any disparity callable: here brightness
-        seen.append(tuple(x.shape))
-        assert x.min() >= -1 and x.max() <= 1
-        return x.mean(1)
+    def stand_in(photo):  # any mask callable: here brightness
+        seen.append(tuple(photo.shape))
+        assert photo.min() >= 0 and photo.max() <= 1
+        return photo.mean(1, keepdim=True)
 
     assert build_cache(tmp_path / "images", tmp_path / "depth", stand_in, progress=False) == 1
-    assert seen == [(1, 3, 384, 576)]
+    assert seen == [(1, 3, 30, 45)]
     with Image.open(tmp_path / "depth" / "0.png") as im:
         assert im.size == (45, 30) and np.asarray(im).max() == 65535
     assert build_cache(tmp_path / "images", tmp_path / "depth", stand_in, progress=False) == 0
-    d = predict_disparity(np.zeros((30, 45, 3), np.float32), lambda x: x[:, 0])
-    assert d.shape == (30, 45)
 
 
 def test_trainer_on_an_ebb_layout_with_skip_bad(tmp_path, capsys):

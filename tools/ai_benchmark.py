@@ -24,11 +24,12 @@ from common.files import ensure_writable_dir, human_bytes, read_json, write_byte
 from common.ownership import claim, record
 from export.arith import fp16_verdict, verdict_line
 from export.tflite_info import dynamic_dims, gpu_verdict
+from export.variants import VARIANTS, describe
 from tools.inspect import inspect
 
 BUNDLE_FORMAT = "bokehlite-ai-benchmark/1"
 DELEGATES = ("gpu", "cpu", "nnapi")
-DEFAULT_DELEGATE = {"fp16": "gpu", "fp32": "cpu"}
+DEFAULT_DELEGATE = {v.name: v.delegate for v in VARIANTS}  # export/variants.py
 NOT_MEASURED = "not measured — run validate parity --tflite {path}"
 BUNDLE_FILES = ("model.tflite", "manifest.json", "README.txt")
 
@@ -114,6 +115,9 @@ def build_manifest(src: Path, data: bytes, info, manifest: dict, dynamic: list[s
         },
         "parity": parity,
         "gpu_execution": gpu_execution,
+        "variant_info": describe(manifest["variant"]) if manifest.get("variant") in
+        DEFAULT_DELEGATE else None,
+        "trained_with_depth": (manifest.get("weights") or {}).get("trained_with_depth"),
         "weights": {"nafnet": manifest.get("weights"),
                     "depth": {k: v for k, v in (manifest.get("depth") or manifest.get("dpt")
                                                 or {}).items() if k != "config"} or None},
@@ -147,6 +151,7 @@ def readme_text(bundle: dict) -> str:
         f"Flex ops: {', '.join(bundle['flex']['ops']) or 'none'}; max tensor rank "
         f"{bundle['max_rank']}; static shapes: {'yes' if bundle['static_shapes'] else 'NO'}.",
         f"Parity with PyTorch: {parity_line}.",
+        *([f"Variant {bundle['variant_info']}."] if bundle.get("variant_info") else []),
         *([f"What the phone GPU computes (fp16): {verdict_line(bundle['fp16_arithmetic'])}."]
           if bundle.get("fp16_arithmetic") else []),
         f"sha256 {bundle['sha256']}",
@@ -247,7 +252,9 @@ def build_parser(prog: str = "bokeh ai-benchmark") -> argparse.ArgumentParser:
                    help="replace model.tflite, manifest.json, README.txt in --out even if this "
                         "tool did not write them")
     p.add_argument("--variant", default="fp16", choices=tuple(DEFAULT_DELEGATE),
-                   help="fp16 for the GPU delegate, fp32 for the CPU (default %(default)s)")
+                   help="the export's bokeh_{variant}.tflite, bundled for its delegate (bokeh "
+                        "variants: fp16 the GPU, int8 NNAPI, the others the CPU; default "
+                        "%(default)s)")
     p.add_argument("--export-dir", default="build/export",
                    help="where bokeh_{variant}.tflite is (default %(default)s)")
     p.add_argument("--tflite", help="bundle this .tflite instead (its manifest must be beside it)")

@@ -31,8 +31,11 @@ COMMANDS = {
     "render": ("tools.render:main", "bokeh PNGs of photos from the phone model or PyTorch"),
     "inspect": ("tools.inspect:main", "what a .tflite holds and whether a phone GPU takes it"),
     "ai-benchmark": ("tools.ai_benchmark:main", "a checked bundle for the AI Benchmark app"),
+    "depth-cache": ("train.depth_cache:main",
+                    "masks of a folder of photos from the depth net the phone model will fuse"),
     "train": ("train.trainer:main", "the paper's two training stages"),
-    "depth-cache": ("train.depth_cache:main", "the depth masks training reads, one PNG a photo"),
+    "variants": ("tools.cli:variants_main",
+                 "the TFLite variants: phone target, what stays float, tolerance, default"),
 }
 
 
@@ -67,12 +70,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_export_parser(prog: str = "bokeh export") -> argparse.ArgumentParser:
+    from export.variants import names, variant
+
+    float_default, quant_default = (",".join(names(q, defaults_only=True)) for q in (False, True))
+    targets = "; ".join(f"{v}: {variant(v).target}" for v in names(False) + names(True))
     p = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Export NAFNet PyTorch -> ONNX -> TensorFlow -> TFLite, fuse it with the "
                     "TensorFlow depth net into one photo -> bokeh model, and convert both to "
-                    "TFLite (fp32 for the CPU, fp16 for the GPU delegate, drq and int8 "
-                    "calibrated), builtin ops only, with a manifest per model and report.json.",
+                    "TFLite variants (bokeh variants lists them: " + targets + "), builtin "
+                    "ops only, with a manifest per model and report.json.",
         epilog="examples:\n  bokeh export --height 512 --width 768 --overwrite\n"
                "  bokeh export --checkpoint build/train/nafnet.pt --depth-weights "
                "dpt_hybrid_384.pt\n"
@@ -97,6 +104,10 @@ def build_export_parser(prog: str = "bokeh export") -> argparse.ArgumentParser:
                    help="the depth net's official file (dpt_hybrid_384.pt, dpt_large_384.pt, "
                         "midas_v21_small_256.pt, depth_anything_v2_vits.pth); default: random "
                         "weights, meaningless depth (--dpt-weights is the old name)")
+    p.add_argument("--allow-depth-mismatch", action="store_true",
+                   help="fuse another depth net (or weights, or short side) than the one the "
+                        "--checkpoint's NAFNet was trained with (refused by default: NAFNet reads "
+                        "masks unlike those it learned from)")
     p.add_argument("--dpt-variant", choices=("hybrid", "large", "tiny"),
                    help="old name of --depth dpt-hybrid / dpt-large / dpt-tiny")
     p.add_argument("--depth-short-side", "--dpt-short-side", dest="depth_short_side",
@@ -110,12 +121,14 @@ def build_export_parser(prog: str = "bokeh export") -> argparse.ArgumentParser:
                    help="also write bokeh_controls_{fp32,fp16}.tflite: the fused model with two "
                         "more inputs, focus and strength ([1,1,1,1], in [0, 1]; 1 and 1 give the "
                         "plain model's output), chosen on the phone at run time")
-    p.add_argument("--variants", default="fp32,fp16",
-                   help="comma-separated TFLite variants (default: %(default)s)")
-    p.add_argument("--quant-variants", default="drq,int8",
-                   help="quantized variants of the fused model (drq, int8, int16x8), "
+    p.add_argument("--variants", default=float_default,
+                   help=f"comma-separated float TFLite variants, of {', '.join(names(False))} "
+                        "(default: %(default)s)")
+    p.add_argument("--quant-variants", default=quant_default,
+                   help=f"quantized variants of the fused model, of {', '.join(names(True))}, "
                         "comma-separated, '' for none (default: %(default)s; int16x8 is kept "
-                        "only where the TFLite runtime can run it)")
+                        "only where the TFLite runtime can run it; bokeh variants says what "
+                        "each keeps in float)")
     p.add_argument("--calib-dir", help="folder of photos to calibrate int8 on (e.g. EBB! "
                    "originals); default: the embedded set (calibration/dataset.py)")
     p.add_argument("--calib-samples", type=positive_int, default=8,
@@ -181,7 +194,8 @@ def export_main(argv: list[str] | None = None, prog: str = "bokeh export") -> in
             fuse=not args.no_fuse, controls=args.controls, variants=_names(args.variants),
             quant_variants=() if args.no_fuse else _names(args.quant_variants),
             opset=args.opset, allow_flex=args.allow_flex, seed=args.seed,
-            overwrite=args.overwrite, gpu_check=not args.no_gpu_check)
+            overwrite=args.overwrite, gpu_check=not args.no_gpu_check,
+            allow_depth_mismatch=args.allow_depth_mismatch)
         calibration = None
         if options.quant_variants:  # before the long stages, so a bad folder fails at once
             calibration = calibration_set(args.height, args.width, args.calib_samples,
@@ -200,6 +214,28 @@ def export_main(argv: list[str] | None = None, prog: str = "bokeh export") -> in
         return 0
 
     return run_command(prog, body)
+
+
+def variants_main(argv: list[str] | None = None, prog: str = "bokeh variants") -> int:
+    """`bokeh variants`: the one table of TFLite variants (export/variants.py)."""
+    from export.variants import names, table_text
+
+    p = argparse.ArgumentParser(
+        prog=prog, description="The TFLite variants bokeh export writes: the phone target of "
+        "each, what it keeps in float and why, the tolerance its manifest carries, and which are "
+        "written by default.")
+    p.add_argument("--defaults", choices=("float", "quantized"),
+                   help="print only the default variants of that kind, comma-separated")
+    p.add_argument("--names", choices=("float", "quantized"),
+                   help="print every exported variant of that kind, space-separated")
+    args = p.parse_args(argv)
+    if args.defaults:
+        print(",".join(names(args.defaults == "quantized", defaults_only=True)))
+    elif args.names:
+        print(" ".join(names(args.names == "quantized")))
+    else:
+        print(table_text())
+    return 0
 
 
 def export_alias() -> int:

@@ -17,6 +17,7 @@ from common.files import human_bytes
 from export.arith import POLICIES, arithmetic_report, format_arithmetic_report, random_inputs
 from export.runner import verify_tflite
 from export.tflite_info import TFLiteInfo, dynamic_dims, gpu_verdict, inspect_tflite
+from export.variants import describe, variant_of
 
 
 def inspect(path: str | Path, largest: int = 5) -> TFLiteInfo:
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None, prog: str = "bokeh inspect") -> int:
         info = inspect(args.tflite, args.largest)
         dynamic = dynamic_dims(args.tflite)
         accelerated = gpu_accelerated(args.tflite) if args.gpu else None
+        name = variant_of(args.tflite)
         arithmetic = (arithmetic_report(args.tflite, random_inputs(args.tflite), args.fp16,
                                         worst=args.ops) if args.fp16 else None)
         if args.json:
@@ -122,11 +124,14 @@ def main(argv: list[str] | None = None, prog: str = "bokeh inspect") -> int:
 
             ready, reasons = gpu_verdict(info)
             print(json.dumps({**asdict(info), "dynamic": dynamic,
+                              "variant": describe(name) if name else None,
                               "gpu_verdict": "READY" if ready else "NOT READY",
                               "gpu_reasons": reasons, "gpu_accelerator": accelerated,
                               "arithmetic": arithmetic}, indent=2))
         else:
             print(format_report(info, dynamic, args.top))
+            if name:  # the manifest beside it names the variant (export/variants.py)
+                print(f"  {'variant':<10} {describe(name)}")
             if accelerated:
                 print(f"  {'GPU run':<10} {accelerated['line']}")
                 for op in accelerated["fell_back"]:

@@ -117,6 +117,11 @@ def parse_args(argv: list[str] | None = None, prog: str = "bokeh train"
     g.add_argument("--depth-dir", type=Path,
                    help="depth cache, {stem}.png (bokeh depth-cache); for folders "
                         "validation too")
+    g.add_argument("--depth", metavar="NAME",
+                   help="the depth net the phone model will fuse (models/depth.py): the cache "
+                        "must have been made by it (its depth_cache.json), else the run is "
+                        "refused; default: the cache's net. The checkpoint records it and "
+                        "bokeh export fuses it")
     g.add_argument("--skip-bad", action="store_true",
                    help="skip pairs with a missing, unreadable or mis-sized file (counted in a "
                         "warning) instead of stopping")
@@ -181,7 +186,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "bokeh train"
 
 
 # Settings a resumed run must share with the checkpoint, or it is not the same run.
-RUN_IDENTITY = ("data", "data_root", "input_dir", "target_dir", "depth_dir", "prune_list",
+RUN_IDENTITY = ("data", "data_root", "input_dir", "target_dir", "depth_dir", "depth",
+                "prune_list",
                 "val_range", "synthetic_train", "synthetic_size", "crop", "batch_size", "epochs1",
                 "stage2_steps", "lr", "lr2", "betas", "gp_weight", "seed", "nafnet_config",
                 "critic_width", "no_identity_init")
@@ -225,6 +231,35 @@ def build_datasets(cfg: argparse.Namespace) -> tuple[torch.utils.data.Dataset, .
     val_set = (PairDataset(check_pairs(val[:cfg.val_limit], cfg.skip_bad), cfg.val_crop, cfg.seed,
                            cfg.skip_bad) if val else None)
     return train_set, val_set
+
+
+def mask_source(cfg: argparse.Namespace) -> dict | None:
+    """The depth net whose masks the run trains on (``models.depth.mask_source``), from the
+    cache's record; ``ConfigError`` when ``--depth`` names another net than the one that filled
+    the cache. ``None``: synthetic scenes (the renderer's true depth) or a cache made before
+    records, without ``--depth``."""
+    from models.depth import depth_net, describe_mask_source
+    from train.depth_cache import RECORD, read_record
+
+    wanted = depth_net(cfg.depth).name if cfg.depth else None
+    if cfg.data == "synthetic":
+        if wanted:
+            raise ConfigError(f"--depth {wanted}: synthetic scenes carry the renderer's true "
+                              "depth, not a net's masks; train on a depth cache (--data ebb or "
+                              "folders, --depth-dir) made by bokeh depth-cache --depth " + wanted)
+        return None
+    held = read_record(cfg.depth_dir) if cfg.depth_dir else None
+    if held is None:
+        if wanted:
+            raise ConfigError(f"{cfg.depth_dir}: no {RECORD}: the cache does not say which depth "
+                              f"net made its masks; refill it with bokeh depth-cache --depth "
+                              f"{wanted} --overwrite")
+        return None
+    if wanted and held["name"] != wanted:
+        raise ConfigError(f"{cfg.depth_dir}: holds masks of {describe_mask_source(held)}, not "
+                          f"of {wanted} (--depth); fill a cache with bokeh depth-cache --depth "
+                          f"{wanted}, or drop --depth")
+    return held
 
 
 def rng_state() -> dict:
@@ -411,6 +446,7 @@ def train(cfg: argparse.Namespace, stop: StopRequest | None = None) -> dict:
     master = rank == 0
     if cfg.keep < 1:
         raise ConfigError("--keep must be at least 1")
+    depth = mask_source(cfg)  # before an --overwrite deletes anything
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out, ckpt_dir = Path(cfg.out), Path(cfg.out) / "checkpoints"
@@ -516,7 +552,7 @@ def train(cfg: argparse.Namespace, stop: StopRequest | None = None) -> dict:
             return None
         path = ckpt_dir / f"step_{step:08d}.pt"
         atomic_torch_save(dict(
-            model=model_raw.state_dict(), nafnet_config=net_config,
+            model=model_raw.state_dict(), nafnet_config=net_config, depth=depth,
             critics=critics.state_dict(), opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict(),
             step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, rng=states, timing=timing,
             config=config_dict(cfg), world_size=world), path)
@@ -652,7 +688,8 @@ def train(cfg: argparse.Namespace, stop: StopRequest | None = None) -> dict:
                          images_per_s={s: (n / t if t else None) for s, (t, n) in timing.items()})
     if master and not stopped_early:
         final = out / "nafnet.pt"
-        atomic_torch_save(dict(model=model_raw.state_dict(), nafnet_config=net_config), final)
+        atomic_torch_save(dict(model=model_raw.state_dict(), nafnet_config=net_config,
+                               depth=depth), final)
         summary["checkpoint"] = str(final)
         if val_set is not None:
             model_raw.eval()
