@@ -198,8 +198,8 @@ def test_parity_of_a_whole_export_dir_in_one_process(fused_export, tmp_path, cap
     assert sorted(built) == ["bokeh", "nafnet"]  # one per reference, not one per file
     assert f"{len(files)} of {len(files)} files within tolerance" in capsys.readouterr().out
     recorded = json.loads((out / "report.json").read_text())["parity"]
-    assert set(recorded) == {f.name for f in files}
-    assert all(r["passed"] for r in recorded.values())
+    assert set(recorded) >= {f.name for f in files}  # other tests' GPU/fp16 runs may be there
+    assert all(recorded[f.name]["passed"] for f in files)
 
 
 def test_parity_export_dir_refuses_single_file_flags_and_foreign_folders(tmp_path, capsys):

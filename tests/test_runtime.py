@@ -17,9 +17,16 @@ def test_export_has_no_transpose_and_one_xnnpack_partition(nafnet_export):
     out, report = nafnet_export
     for variant in ("fp32", "fp16"):
         assert "TRANSPOSE" not in report["variants"][f"nafnet_{variant}.tflite"]["ops"]
+    blocks = sum(report["nafnet_config"][k] if isinstance(report["nafnet_config"][k], int)
+                 else sum(report["nafnet_config"][k])
+                 for k in ("enc_blocks", "middle_blocks", "dec_blocks"))
     for runtime in RUNTIMES:
         cov = delegate_coverage(out / "nafnet_fp32.tflite", threads=1, runtime=runtime)
-        assert cov["not_delegated"] == {} and cov["partitions"] == 1, runtime
+        if runtime == "litert":  # the XNNPACK phone apps bundle takes the whole graph
+            assert cov["not_delegated"] == {} and cov["partitions"] == 1, runtime
+        else:  # TF 2.15's older XNNPACK has no one-axis MEAN: the fp16-safe staged SCA pool
+            # (rewrites.global_pool_staged, one per block) stays outside it, nothing else
+            assert cov["not_delegated"] == {"MEAN": blocks}, (runtime, cov["not_delegated"])
     assert report["rewrites"]["channels_last"] > 0
 
 
