@@ -2,8 +2,10 @@
 
 Every command ends a Ctrl-C with one line `<command>: interrupted` and exit 130
 (common/cli.py, ``run_command``). A loop whose state must stay consistent (the trainer: a step
-updates the critics, then the generator) installs ``StopRequest``: the first Ctrl-C only asks it
-to stop at the end of the step, a second one interrupts at once.
+updates the critics, then the generator) installs ``StopRequest``: the first Ctrl-C (or SIGTERM,
+a scheduler's or launcher's polite stop) only asks it to stop at the end of the step, a second one
+interrupts at once, except under a launcher that forwards the signal again and kills the process
+after its own grace period.
 """
 
 from __future__ import annotations
@@ -13,24 +15,28 @@ import threading
 
 
 class StopRequest:
-    """Context manager: while active, SIGINT sets ``requested`` instead of raising (the second
-    SIGINT raises ``KeyboardInterrupt`` as usual). Outside the main thread it does nothing."""
+    """Context manager: while active, SIGINT and SIGTERM set ``requested`` instead of raising (a
+    second one raises ``KeyboardInterrupt`` as usual, unless ``launched``). Outside the main
+    thread it does nothing."""
 
-    def __init__(self) -> None:
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, launched: bool = False) -> None:
         self.requested = False
-        self._previous = None
+        self.launched = launched
+        self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        if self.requested and not self.launched:
             raise KeyboardInterrupt
         self.requested = True
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}

@@ -8,6 +8,7 @@ Nothing of the user's is ever overwritten (docs/design.md, section 10):
   not edit or replace it since), or with ``--overwrite``.
 - A run that builds a folder over minutes (an export) holds ``folder_lock`` on it for the whole
   run: a second run into the same folder refuses in one line naming the holder's process id.
+  The lock file lies beside the folder, since the run replaces the folder itself at the end.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from common.errors import UserError
 from common.files import ensure_writable_dir, write_json
 
 LEDGER = ".bokehlite-written.json"
-LOCK = ".bokehlite.lock"
 
 
 def sha256_of(path: Path) -> str:
@@ -73,15 +73,20 @@ def record(folder: Path, paths: Iterable[Path]) -> None:
     write_json(folder / LEDGER, {"format": "bokehlite-written/1", "files": files})
 
 
+def lock_path(folder: Path) -> Path:
+    return folder.parent / f".{folder.name}.bokehlite.lock"
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | Path, what: str) -> Iterator[Path]:
     """Hold ``folder`` (created if needed) for one run of ``what``; a second holder is refused
-    with the first one's process id. The lock is an flock on ``LOCK``, so a killed run never
-    leaves it held; a folder the lock created and nothing else filled is removed again."""
+    with the first one's process id. The lock is an flock on ``.<name>.bokehlite.lock`` beside
+    the folder, so a killed run never leaves it held; a folder the lock created and nothing else
+    filled is removed again."""
     folder = Path(folder)
     created = not folder.exists()
-    folder = ensure_writable_dir(folder)
-    path = folder / LOCK
+    folder = ensure_writable_dir(folder).resolve()
+    path = lock_path(folder)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -8,6 +8,7 @@ check that no file of the user's changed, by hashing the folders before and afte
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -177,35 +178,84 @@ def test_leftovers_of_killed_runs_are_cleaned_and_live_ones_kept(tmp_path):
     from export.folder import check
 
     dead = 2**22 + 12345  # above the default pid_max: no such process
-    (tmp_path / f".staging-{dead}-abcdef").mkdir()
-    (tmp_path / f".nafnet.onnx.tmp-{dead}").write_bytes(b"half")
-    (tmp_path / f".staging-{os.getpid()}-123456").mkdir()
-    check(tmp_path, overwrite=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f".staging-{os.getpid()}-123456"]
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / f".staging-{dead}-abcdef").mkdir()  # inside: where runs staged before the swap
+    (out / f".nafnet.onnx.tmp-{dead}").write_bytes(b"half")
+    (tmp_path / f".e.staging-{dead}-abcdef").mkdir()
+    (tmp_path / f".e.staging-{dead}-abcdef.old").mkdir()
+    (tmp_path / f".e.staging-{os.getpid()}-123456").mkdir()
+    (tmp_path / f".other.staging-{dead}-abcdef").mkdir()  # another folder's: not ours to judge
+    check(out, overwrite=False)
+    assert not list(out.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f".e.staging-{os.getpid()}-123456", f".other.staging-{dead}-abcdef", "e"]
 
 
-def test_a_new_run_replaces_the_whole_set_at_the_end(tmp_path):
+@pytest.mark.parametrize("atomic", [True, False], ids=["exchange", "two-renames"])
+def test_a_new_run_replaces_the_whole_folder_in_one_rename(tmp_path, monkeypatch, atomic):
     from export import folder
 
     out = tmp_path / "e"
     out.mkdir()
     for name, text in (("nafnet_fp16.tflite", "old"), ("nafnet_fp32.tflite", "old"),
-                       ("runtime.png", "not listed: kept")):
+                       ("runtime.png", "not listed: kept"), (".notes", "the user's: kept")):
         (out / name).write_text(text)
     (out / "report.json").write_text(json.dumps(
         {"run_id": "old", "files": ["nafnet_fp16.tflite", "nafnet_fp32.tflite", "report.json"]}))
     with pytest.raises(UserError, match="--overwrite"):
         folder.begin(out, overwrite=False)
     out, staging, run_id = folder.begin(out, overwrite=True)
+    assert staging.parent == out.parent  # beside the folder: the swap renames a folder
     assert (out / "nafnet_fp16.tflite").read_text() == "old"  # untouched until the commit
     (staging / "nafnet_fp32.tflite").write_text("new")
     (staging / "report.json").write_text(json.dumps(
         {"run_id": run_id, "files": ["nafnet_fp32.tflite", "report.json"]}))
+    staged_inode = staging.stat().st_ino
+    if not atomic:  # a file system without RENAME_EXCHANGE
+        def unsupported(a, b):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        monkeypatch.setattr(folder, "exchange", unsupported)
     folder.commit(out, staging)
-    assert sorted(p.name for p in out.iterdir()) == ["nafnet_fp32.tflite", "report.json",
-                                                     "runtime.png"]
+    assert out.stat().st_ino == staged_inode  # the staged folder itself is now the export
+    assert sorted(p.name for p in out.iterdir()) == [".notes", "nafnet_fp32.tflite",
+                                                     "report.json", "runtime.png"]
     assert (out / "nafnet_fp32.tflite").read_text() == "new"
+    assert (out / ".notes").read_text() == "the user's: kept"
     assert json.loads((out / "report.json").read_text())["run_id"] == run_id
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]  # the old export is gone
+
+
+def test_the_swap_is_atomic_for_a_reader(tmp_path):
+    """While the folder is swapped, a reader sees the old report or the new one, never none."""
+    import threading
+
+    from export import folder
+
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "report.json").write_text(json.dumps({"run_id": "0", "files": ["report.json"]}))
+    seen, stop = set(), threading.Event()
+
+    def read():
+        while not stop.is_set():
+            try:
+                seen.add(json.loads((out / "report.json").read_text())["run_id"])
+            except FileNotFoundError:
+                seen.add("missing")
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for n in range(1, 30):
+            out, staging, _ = folder.begin(out, overwrite=True)
+            (staging / "report.json").write_text(json.dumps({"run_id": str(n),
+                                                              "files": ["report.json"]}))
+            folder.commit(out, staging)
+    finally:
+        stop.set()
+        reader.join()
+    assert "missing" not in seen and len(seen) > 1
 
 
 @pytest.mark.slow
@@ -343,7 +393,7 @@ def test_a_full_disk_mid_export_is_one_line_and_the_last_export_stays(tmp_path, 
     assert json.loads((out / "report.json").read_text())["run_id"] == "old"
     failed = json.loads((out / "failed-run" / "report.json").read_text())
     assert "No space left" in failed["failed"]
-    assert not [p for p in out.iterdir() if p.name.startswith(".staging")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]  # no staging folder beside
 
 
 # --- bad input to export and parity (was tests/test_cli_errors.py) ---------------------------

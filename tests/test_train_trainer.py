@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,20 +115,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_on_cpu_keeps_replicas_identical(tmp_path):
-    out = tmp_path / "ddp"
+def torchrun(out: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "train.trainer", *tiny_args(out, "--device", "cpu", "--synthetic-train", "16")]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+           "-m", "train.trainer", *tiny_args(out, "--device", "cpu", *extra)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_two_process_ddp_on_cpu_stops_together_on_ctrl_c_and_keeps_replicas_identical(tmp_path):
+    out = tmp_path / "ddp"
+    args = ("--synthetic-train", "32", "--log-every", "1", "--ckpt-every", "100")
+    run = torchrun(out, *args)
+    log = out / "train_log.csv"
+    deadline = time.monotonic() + 240
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+        assert run.poll() is None and time.monotonic() < deadline, run.communicate()[1][-3000:]
+        time.sleep(0.2)
+    os.killpg(run.pid, signal.SIGINT)  # Ctrl-C in the terminal: torchrun and both workers
+    _, err = run.communicate(timeout=120)
+    saved = sorted((out / "checkpoints").glob("step_*.pt"))
+    assert len(saved) == 1, err[-3000:]  # the one written at the interrupt
+    step = torch.load(saved[0], weights_only=True)["step"]
+    assert 1 <= step < 10
+    assert err.count(f"bokeh train: interrupted after step {step}; checkpoint") == 1, err[-3000:]
+
+    run = torchrun(out, *args, "--resume")
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["step"] == 6  # 16 pairs / (2 x 2) = 4 + 2
+    assert summary["world_size"] == 2 and summary["step"] == 10  # 32 pairs / (2 x 2) = 8 + 2
     ck = torch.load(sorted((out / "checkpoints").glob("step_*.pt"))[-1], weights_only=True)
     assert len(ck["rng"]) == 2  # each rank's RNG state, for an exact resume
     # The trainer all-gathers a parameter checksum each epoch and fails on any difference.
-    assert "replicas diverged" not in run.stderr
+    assert "replicas diverged" not in err
 
 
 @pytest.mark.full

@@ -407,6 +407,16 @@ class CsvLog:
             w.writerow(row)
 
 
+def stop_agreed(stop: StopRequest | None, ddp: bool) -> bool:
+    """Whether to stop after this step. Under DDP every rank must stop at the same step (a rank
+    that left the loop alone would wait for the others forever), so one rank's request is
+    everyone's."""
+    wanted = torch.tensor([float(stop is not None and stop.requested)])
+    if ddp:
+        dist.all_reduce(wanted, op=dist.ReduceOp.MAX)
+    return bool(wanted.item())
+
+
 def check_finite(value: torch.Tensor, what: str, terms: dict, ddp: bool) -> None:
     """Stop every rank together if any rank's loss is NaN/Inf."""
     ok = torch.isfinite(value.detach()).float().reshape(1)
@@ -440,7 +450,6 @@ def train(cfg: argparse.Namespace, stop: StopRequest | None = None) -> dict:
         device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
         if cuda:
             torch.cuda.set_device(device)
-        stop = None  # ranks would stop at different steps and wait for each other forever
     else:
         rank, world, device = 0, 1, torch.device(cfg.device)
     master = rank == 0
@@ -648,14 +657,15 @@ def train(cfg: argparse.Namespace, stop: StopRequest | None = None) -> dict:
                 bar.update(1)
             if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                 save_checkpoint()
-            if cfg.max_steps and step >= cfg.max_steps or stop is not None and stop.requested:
+            interrupted = stop_agreed(stop, ddp)
+            if cfg.max_steps and step >= cfg.max_steps or interrupted:
                 stopped_early = True
                 break
         if bar:
             bar.close()
         if stopped_early:
             path = save_checkpoint()
-            if stop is not None and stop.requested:
+            if interrupted:
                 raise Interrupted(path)
             if master:
                 print(f"stopped at --max-steps {cfg.max_steps}: {path}; continue with --resume")
@@ -738,11 +748,15 @@ def main(argv: list[str] | None = None, prog: str = "bokeh train") -> int:
     cfg = parse_args(argv, prog)
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
-        with StopRequest() as stop:
+        # Under torchrun Ctrl-C reaches each worker twice (from the terminal, then forwarded by
+        # the launcher, which kills the workers after its grace period): neither may cut the
+        # step that saves the checkpoint.
+        with StopRequest(launched="TORCHELASTIC_RUN_ID" in os.environ) as stop:
             train(cfg, stop)
     except KeyboardInterrupt as exc:
         saved = (f" after step {int(exc.args[0].stem.split('_')[-1])}; checkpoint {exc.args[0]} "
-                 "(continue with --resume)") if isinstance(exc, Interrupted) else ""
+                 "(continue with --resume)") if isinstance(exc, Interrupted) and exc.args[0] \
+            else ""
         print(f"{prog}: interrupted{saved}", file=sys.stderr)
         return 130
     except NonFiniteLoss as exc:
