@@ -46,8 +46,11 @@ setup-gpu: $(VENV_STAMP)
 		print('GPU device: ' + d if ok else 'setup-gpu: error: no GPU device: ' + d); \
 		sys.exit(0 if ok else 1)"
 
+# Two workers (pytest-xdist): most of the suite is single-threaded conversion work, so two cores
+# halve it; tests/conftest.py keeps the session export and each module's fixtures in one worker.
+TEST_WORKERS ?= 2
 test: $(VENV_STAMP)
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup
 
 # The fused photo -> bokeh model (and NAFNet alone beside it), then parity of every file the
 # export's report.json lists, in one process (one PyTorch reference per net).

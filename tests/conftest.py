@@ -8,6 +8,10 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if "PYTEST_XDIST_WORKER" in os.environ:  # `make test`: one worker per core, one thread each
+    for threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
+                    "TF_NUM_INTEROP_THREADS"):
+        os.environ.setdefault(threads, "1")
 
 SMALL_H, SMALL_W = 64, 96
 # The session-wide exports: minutes each on 2 cores. A test that uses one (directly or through
@@ -22,13 +26,22 @@ REQUIRED_BACKENDS = {"gpu": "BOKEH_REQUIRE_GPU", "litert_torch": "BOKEH_REQUIRE_
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """`full` implies `slow` (a command-line `-m 'not slow'` replaces pyproject's
-    `-m 'not full'`); a test on a session export without its `slow` mark is an error."""
+    `-m 'not full'`); a test on a session export without its `slow` mark is an error.
+
+    `make test` runs two pytest-xdist workers (`--dist loadgroup`): the tests on the session
+    export run in one worker, so the export is made there once (a module may name its own group
+    to run in the other worker, making its own), and every other module stays whole in one
+    worker, so its module fixtures are built once."""
     unmarked = []
     for item in items:
         if item.get_closest_marker("full"):
             item.add_marker(pytest.mark.slow)
-        if SLOW_FIXTURES & set(item.fixturenames) and not item.get_closest_marker("slow"):
+        on_export = SLOW_FIXTURES & set(item.fixturenames)
+        if on_export and not item.get_closest_marker("slow"):
             unmarked.append(item.nodeid)
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group("session-export" if on_export
+                                                    else item.nodeid.split("::")[0]))
     if unmarked:
         raise pytest.UsageError("tests on a session export need @pytest.mark.slow: "
                                 + ", ".join(unmarked))
