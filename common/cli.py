@@ -61,6 +61,15 @@ def unit_float(text: str) -> float:
     return value
 
 
+def name_list(text: str, flag: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-separated list of ``allowed`` names, in order, without repeats; ``UserError``
+    naming ``--flag`` and the choices otherwise."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names or any(n not in allowed for n in names):
+        raise UserError(f"--{flag} takes {' or '.join(allowed)} (comma-separated), got {text!r}")
+    return tuple(dict.fromkeys(names))
+
+
 def _bounded(kind: type, text: str, low: float, what: str):
     try:
         value = kind(text)

@@ -301,3 +301,25 @@ def test_bundle_refuses_a_failing_fp16_verdict(fused_export, mean_model, tmp_pat
     bundle = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     assert bundle["fp16_arithmetic"]["passed"] is False
     assert any("fp16 verdict" in w for w in bundle["warnings"])
+
+
+@pytest.mark.slow  # one small fused export (NAFNet at the paper's size, a tiny depth net)
+def test_the_fp16_bench_writes_its_part_of_the_table_in_its_own_section(tmp_path):
+    from validate import fp16_bench
+
+    doc = tmp_path / "bench.md"
+    doc.write_text("# bench\n\n<!-- bench:fp16 -->\nthe full table\n<!-- /bench:fp16 -->\n")
+    assert fp16_bench.main(["--height", "32", "--width", "48", "--nets", "midas-small-tiny",
+                            "--weights", "random", "--files", "fp32", "--policies", "fp16",
+                            "--photos", "1", "--dir", str(tmp_path / "b"), "--doc", str(doc),
+                            "--section", "fp16-part"]) == 0
+    text = doc.read_text()
+    assert "the full table" in text  # the partial run left the whole table alone
+    part = text.split("<!-- bench:fp16-part -->")[1].split("<!-- /bench:fp16-part -->")[0]
+    rows = [line for line in part.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0].startswith("| model | weights | file | fp16: bokeh / mask |")
+    assert "fp16-acc16" not in rows[0]
+    cells = {tuple(c.strip() for c in r.split("|")[1:4]): r.split("|")[4:6] for r in rows[1:]}
+    assert set(cells) == {("nafnet", "random", "fp32"), ("midas-small-tiny", "random", "fp32")}
+    for psnrs, nonfinite in cells.values():
+        assert min(float(v) for v in psnrs.split("/")) > 40 and nonfinite.strip() == "0"

@@ -319,6 +319,7 @@ BAD_VALUES = [
     ["runtime", "--tflite", "m.tflite", "--runs", "0"],
     ["runtime", "--tflite", "m.tflite", "--warmup", "-1"],
     ["runtime", "--tflite", "missing.tflite", "--threads", "0,2"],
+    ["runtime", "--tflite", "missing.tflite", "--xnnpack", "maybe"],
     ["quality", "--data", "nowhere", "--limit", "0"],
     ["bench", "--runs", "0"], ["bench", "--threads", "-2"],
     ["peers", "--threads", "0"], ["passes", "--runs", "0"],
@@ -342,6 +343,17 @@ def test_every_command_refuses_bad_values_in_one_line(argv, tmp_path, monkeypatc
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and " error: " in err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("flag", ["--nets", "--weights", "--files", "--policies"])
+def test_the_fp16_bench_refuses_a_name_outside_its_choices_before_any_work(flag, tmp_path,
+                                                                           error_line):
+    from validate import fp16_bench
+
+    assert fp16_bench.main([flag, "fp17", "--dir", str(tmp_path / "b")]) == 2
+    line = error_line("python -m validate.fp16_bench", only=True)
+    assert f"{flag} takes " in line and "fp17" in line
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.slow  # a trainer run

@@ -11,7 +11,7 @@ import math
 import sys
 from pathlib import Path
 
-from common.cli import non_negative_int, positive_float, positive_int, run_command
+from common.cli import name_list, non_negative_int, positive_float, positive_int, run_command
 from common.errors import UserError
 from export.arith import POLICIES
 
@@ -162,14 +162,6 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
     return values
 
 
-def _choices(text: str, flag: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
-    """A comma-separated list of ``allowed`` names, in order, without repeats."""
-    names = [v.strip() for v in text.split(",") if v.strip()]
-    if not names or any(n not in allowed for n in names):
-        raise UserError(f"--{flag} takes {' or '.join(allowed)} (comma-separated), got {text!r}")
-    return tuple(dict.fromkeys(names))
-
-
 def runtime_parser(prog: str = "validate runtime") -> argparse.ArgumentParser:
     rt = _parser(
         prog, "Time PyTorch eager, onnxruntime and every TFLite variant of the export that FILE "
@@ -206,8 +198,8 @@ def runtime_main(argv: list[str] | None = None, prog: str = "validate runtime") 
         from validate.runtime import format_runtime_table, plot_runtime, run_runtime
 
         threads = _int_list(args.threads, "threads")
-        modes = tuple(n == "on" for n in _choices(args.xnnpack, "xnnpack", ("on", "off")))
-        runtimes = _choices(args.runtime, "runtime", RUNTIMES)
+        modes = tuple(n == "on" for n in name_list(args.xnnpack, "xnnpack", ("on", "off")))
+        runtimes = name_list(args.runtime, "runtime", RUNTIMES)
         folder = Path(args.tflite).resolve().parent
         json_path = Path(args.json) if args.json else folder / "runtime.json"
         png_path = Path(args.png) if args.png else folder / "runtime.png"

@@ -10,6 +10,9 @@ photo and the fp32 mask of the fused model). The magnitudes the weights reach ar
 (``stress.residual_peaks`` on the first photo).
 
     python -m validate.fp16_bench --height 1024 --width 1536 --doc docs/benchmarks.md
+
+A part of the table (some nets, weights, files or policies) goes to its own section of the
+document (``--section``), so a partial run never replaces the whole table.
 """
 
 from __future__ import annotations
@@ -18,16 +21,30 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common.cli import positive_int, run_command
+from common.cli import name_list, positive_int, run_command
 from common.files import read_json, write_json
 
 POLICIES = ("fp16", "fp16-acc16")
 WEIGHTS = ("random", "stress")
+FILES = ("fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to measure: the table's rows (nets x weights x files) and columns (policies)."""
+
+    nets: tuple[str, ...]
+    weights: tuple[str, ...] = WEIGHTS
+    files: tuple[str, ...] = FILES
+    policies: tuple[str, ...] = POLICIES
+    short_side: int | None = None  # the depth nets' input short side (None: each net's own)
+    photos: int | None = None  # the first N bench photos (None: all five)
 
 
 def stress_checkpoints(folder: Path, nets: tuple[str, ...], seed: int = 0) -> dict[str, Path]:
@@ -48,17 +65,17 @@ def stress_checkpoints(folder: Path, nets: tuple[str, ...], seed: int = 0) -> di
     return files
 
 
-def ensure_exports(root: Path, height: int, width: int, nets: tuple[str, ...],
-                   short_side: int | None, echo: Callable[[str], None] = print
-                   ) -> dict[tuple[str, str], Path]:
-    """``root/WEIGHTS/NET``: a fused fp32 + fp16 export of each net with each kind of weights,
-    exported when missing or of another size."""
+def ensure_exports(root: Path, height: int, width: int, plan: Plan,
+                   echo: Callable[[str], None] = print) -> dict[tuple[str, str], Path]:
+    """``root/WEIGHTS/NET``: a fused fp32 + fp16 export of each net with each kind of weights
+    the plan names, exported when missing or of another size."""
+    nets, short_side = plan.nets, plan.short_side
     from export.pipeline import NAFNET_ARTIFACTS, ExportOptions, export
     from models.depth import depth_net
 
     checkpoints = stress_checkpoints(root / "weights", nets)
     folders = {}
-    for weights in WEIGHTS:
+    for weights in plan.weights:
         source = None
         for net in nets:
             out = root / weights / net
@@ -114,18 +131,17 @@ def worst_report(path: Path, inputs: list[np.ndarray], policy: str) -> dict:
     return {"outputs": worst, "first_nonfinite": first}
 
 
-def measure(root: Path, height: int, width: int, photos: Path, nets: tuple[str, ...],
-            short_side: int | None = None, limit: int | None = None,
+def measure(root: Path, height: int, width: int, photos: Path, plan: Plan,
             echo: Callable[[str], None] = print) -> dict:
-    """Every row of the table (see the module docstring)."""
+    """Every row of the table the plan names (see the module docstring)."""
     from export.pipeline import load_generator
     from export.runner import run_tflite
     from models import stress
     from models.depth import depth_record_of, model_from_record
 
-    folders = ensure_exports(root, height, width, nets, short_side, echo)
-    checkpoints = stress_checkpoints(root / "weights", nets)
-    images = read_photos(photos, height, width, limit)
+    folders = ensure_exports(root, height, width, plan, echo)
+    checkpoints = stress_checkpoints(root / "weights", plan.nets)
+    images = read_photos(photos, height, width, plan.photos)
     rows, peaks = [], {}
     for (weights, net), folder in folders.items():
         record = depth_record_of(read_json(folder / "bokeh_fp32.manifest.json"))
@@ -148,8 +164,8 @@ def measure(root: Path, height: int, width: int, photos: Path, nets: tuple[str, 
             targets = []
         targets.append((net, "bokeh", list(images.values())))
         for model, prefix, inputs in targets:
-            for variant in ("fp32", "fp16"):
-                for policy in POLICIES:
+            for variant in plan.files:
+                for policy in plan.policies:
                     start = time.monotonic()
                     result = worst_report(folder / f"{prefix}_{variant}.tflite", inputs, policy)
                     rows.append({"model": model, "weights": weights, "file": variant,
@@ -158,8 +174,9 @@ def measure(root: Path, height: int, width: int, photos: Path, nets: tuple[str, 
                     echo(f"{weights}/{model} {variant} file, {policy}: " + ", ".join(
                         f"{k} {v['psnr_db']:.1f} dB, {v['nonfinite']} non-finite"
                         for k, v in result["outputs"].items()))
-    return {"height": height, "width": width, "short_side": short_side,
-            "photos": list(images), "rows": rows, "peaks": peaks}
+    return {"height": height, "width": width, "short_side": plan.short_side,
+            "policies": list(plan.policies), "photos": list(images), "rows": rows,
+            "peaks": peaks}
 
 
 def markdown(result: dict, command: str) -> str:
@@ -171,13 +188,14 @@ def markdown(result: dict, command: str) -> str:
         "the policy against the fp32 run of the same file (export/arith.py); targets: bokeh "
         ">= 40, mask >= 35, NAFNet >= 40, no non-finite value.", "",
         f"Command: `{command}`", "",
-        "| model | weights | file | fp16: bokeh / mask | fp16 non-finite | "
-        "fp16-acc16: bokeh / mask | fp16-acc16 non-finite |", "|---|---|---|---|---|---|---|"]
+        "| model | weights | file | " + " | ".join(
+            f"{p}: bokeh / mask | {p} non-finite" for p in result["policies"]) + " |",
+        "|---|---|---|" + "---|---|" * len(result["policies"])]
     keyed = {(r["model"], r["weights"], r["file"], r["policy"]): r for r in result["rows"]}
     for model, weights, variant in dict.fromkeys(
             (r["model"], r["weights"], r["file"]) for r in result["rows"]):
         cells = []
-        for policy in POLICIES:
+        for policy in result["policies"]:
             outs = keyed[model, weights, variant, policy]["outputs"]
             cells.append(" / ".join(f"{o['psnr_db']:.1f}" for o in outs.values()))
             cells.append(str(sum(o["nonfinite"] for o in outs.values())))
@@ -200,21 +218,35 @@ def main(argv: list[str] | None = None, prog: str = "python -m validate.fp16_ben
     p.add_argument("--depth-short-side", type=positive_int,
                    help="depth-net input short side, rounded to each net's multiple (default: "
                         "each net's own)")
+    p.add_argument("--weights", default=",".join(WEIGHTS),
+                   help="comma-separated weights kinds (default: %(default)s)")
+    p.add_argument("--files", default=",".join(FILES),
+                   help="comma-separated files of each export (default: %(default)s)")
+    p.add_argument("--policies", default=",".join(POLICIES),
+                   help="comma-separated arithmetic policies (default: %(default)s)")
     p.add_argument("--photos", type=positive_int, help="use only the first N bench photos")
     p.add_argument("--dir", default="build/bench-fp16", help="exports (%(default)s)")
     p.add_argument("--doc", default="docs/benchmarks.md", help="markdown file to update")
+    p.add_argument("--section", default="fp16",
+                   help="the marked section of --doc to write (default: %(default)s; give a "
+                        "partial run its own)")
     args = p.parse_args(argv)
     command = " ".join([prog, *(argv if argv is not None else sys.argv[1:])])
 
     def body() -> int:
+        from models.depth import DEPTH_NETS
         from validate.doc import publish_section, write_photos
 
+        plan = Plan(name_list(args.nets, "nets", tuple(DEPTH_NETS)),
+                    name_list(args.weights, "weights", WEIGHTS),
+                    name_list(args.files, "files", FILES),
+                    name_list(args.policies, "policies", POLICIES), args.depth_short_side,
+                    args.photos)
         root = Path(args.dir)
         photos = write_photos(root / "photos")
-        result = measure(root, args.height, args.width, photos, tuple(args.nets.split(",")),
-                         args.depth_short_side, args.photos)
-        write_json(root / "fp16_table.json", result)
-        publish_section(args.doc, "fp16", markdown(result, command))
+        result = measure(root, args.height, args.width, photos, plan)
+        write_json(root / f"{args.section}_table.json", result)
+        publish_section(args.doc, args.section, markdown(result, command))
         return 0
 
     return run_command(prog, body)
