@@ -36,22 +36,43 @@ from models.depth import FAMILIES
 QUANT_VARIANTS = names(quantized=True)  # fused model only (export/variants.py)
 CALIBRATED = "bokeh_calibrated.tflite"
 # The layers each variant keeps in float, per depth-net family (models/depth.py FAMILIES): name
-# patterns (regular expressions on the op's output tensor, inside the depth net's Keras scope)
-# and op kinds. Measured at 256x384 on the five photos of docs/benchmarks.md, bokeh PSNR against
-# the fp32 file, worst photo (random weights: a random net amplifies an early layer's rounding
-# through every later one, so the first encoder stages cost the most):
+# patterns (regular expressions on the op's output tensor) and op kinds. Measured at 256x384 on
+# the five photos of docs/benchmarks.md, bokeh / mask PSNR against the fp32 file, worst photo,
+# random weights, the fp16-safe graphs (a random net amplifies an early layer's rounding through
+# every later one, so the first encoder stages cost the most):
 # - midas-small drq: 31.4 dB all int8; EfficientNet stem + block 0 float 34.5, + block 1 39.8,
 #   + the first block of stage 3 45.4 dB (19.9 MB against 18.2 MB); the decoder float: 31.4.
-# - depth-anything-v2-small int8: 25.0 dB; attention (BATCH_MATMUL, SOFTMAX) float 35.1 dB;
-#   the first two ViT blocks float 25.5, the DPT head float 24.9: no gain.
-# - int8-mixed: the whole depth net float (depth-anything-v2-small: 37.4 dB).
+# - midas-small int8: 36.9 / 21.8 dB all int8; its drq layers float 38.8 / 23.2 for 1.7 MB more,
+#   not needed for the floors (30 / 20).
+# - dpt-hybrid int8: 28.3 / 16.6 dB all int8; the ResNet stem's and stages' GroupNorms float
+#   32.4 / 21.4, + the mask glue 32.9 / 22.0 (same size). Attention, the ViT LayerNorms, the
+#   decoder, the readout or the whole ViT float add nothing to that (each part's rounding is of
+#   the same size; only the whole net float gains: int8-mixed).
+# - depth-anything-v2-small int8: attention (BATCH_MATMUL, SOFTMAX) float 32.7 / 18.4 dB (mask
+#   under its floor); + the backbone's final norm (it normalises the four features the DPT head
+#   reads) 38.4 / 21.6; + every ViT LayerNorm up to its normalised values 41.7 / 27.3, same size.
+#   The DPT head, qkv or fc1 float: no gain.
+# - int8-mixed: the whole depth net and the mask glue float: dpt-hybrid 46.4 / 45.3 (34.0 / 23.2
+#   without the glue), midas-small 45.3 / 35.4, depth-anything-v2-small 46.4 / 63.8.
+# The mask glue: the fused graph's own ops between the depth net and NAFNet (resize back to the
+# photo, per-photo min-max). In int8 the depth is rounded on its own scale, then the min-max
+# stretches that rounding over the whole [0, 1] mask.
+MASK_GLUE = r"^StatefulPartitionedCall/(ResizeBilinear_1|Max|Min|sub|sub_1|Maximum)(;|$)"
+GROUPNORMS = r"backbone\.[^;]*norm[0-9]?/"  # DPT-Hybrid's ResNet: statistics and affine
+FINAL_NORM = r"pretrained\.norm/"  # DINOv2's last LayerNorm
+# A ViT block's LayerNorm up to the normalised values (the fp16-safe scale `mul`, then mean,
+# centring, variance, rsqrt, `mul_1`); its affine, folded into the next matmul, stays int8.
+LAYERNORM_STATISTICS = (r"pretrained\.blocks\.\d+\.norm[12]/"
+                        r"(mul|Mean|sub|Square|Mean_1|add|Rsqrt|mul_1)(;|$)")
 SENSITIVE_LAYERS: dict[str, dict[str, dict[str, tuple[str, ...]]]] = {
     "drq": {"midas-small": {"nodes": (r"pretrained\.layer[12]\.", r"pretrained\.layer3\.0\.")}},
-    "int8": {"depth-anything-v2": {"ops": ("BATCH_MATMUL", "SOFTMAX")}},
-    "int8-mixed": {family: {"nodes": (re.escape(f.keras_scope),)}
+    "int8": {"dpt": {"nodes": (GROUPNORMS, MASK_GLUE)},
+             "midas-small": {"nodes": (MASK_GLUE,)},
+             "depth-anything-v2": {"nodes": (FINAL_NORM, LAYERNORM_STATISTICS, MASK_GLUE),
+                                   "ops": ("BATCH_MATMUL", "SOFTMAX")}},
+    "int8-mixed": {family: {"nodes": (re.escape(f.keras_scope), MASK_GLUE)}
                    for family, f in FAMILIES.items()},
 }
-
 
 class QuantizationUnsupported(Exception):
     """The converter or the TFLite runtime cannot do this variant for this graph."""

@@ -51,15 +51,17 @@ VARIANTS: tuple[Variant, ...] = (
             {"bokeh": {"bokeh": {"min_psnr": 40.0}, "mask": {"min_psnr": 30.0}}}, default=True),
     Variant("int8", "an NPU through NNAPI, or the CPU's int8 kernels: full-integer",
             "the input and output, the ops without an int8 kernel (the LayerNorms' SQRT and "
-            "DIV) and per depth net the layers measured to cost the accuracy (SENSITIVE_LAYERS; "
-            "depth-anything-v2-small: the attention BATCH_MATMUL and SOFTMAX); every other "
-            "tensor is int8, ranges from the calibration",
+            "DIV), the mask glue (resize back and per-photo min-max, which would stretch the "
+            "depth's int8 rounding over the whole mask) and per depth net the layers measured to "
+            "cost the accuracy (SENSITIVE_LAYERS; dpt: the ResNet GroupNorms; "
+            "depth-anything-v2-small: the attention BATCH_MATMUL and SOFTMAX and the ViT "
+            "LayerNorms up to their normalised values); every other tensor, every conv's and "
+            "matmul's included, is int8, ranges from the calibration",
             {"bokeh": {"bokeh": {"min_psnr": 30.0}, "mask": {"min_psnr": 20.0}}},
             default=True, calibrated=True, delegate="nnapi"),
     Variant("int8-mixed", "the phone CPU's int8 kernels, the depth mask kept accurate",
-            "as int8, plus the whole depth net (SENSITIVE_LAYERS): the per-photo min-max "
-            "stretches its int8 error over the whole mask; opt-in until measured at 1024x1536 "
-            "(depth-anything-v2-small at 256x384: 37.4 dB, under its 38 dB floor)",
+            "as int8, plus the whole depth net (SENSITIVE_LAYERS): NAFNet alone is int8; "
+            "opt-in (the file is nearly the fp32 size: for dpt-hybrid 466 MB at 256x384)",
             {"bokeh": {"bokeh": {"min_psnr": 38.0}, "mask": {"min_psnr": 28.0}}},
             default=False, calibrated=True),
     Variant("int16x8", "CPUs with int16 activation kernels (opt-in)",

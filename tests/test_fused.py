@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 
 import numpy as np
@@ -293,3 +294,27 @@ def test_fp32_arithmetic_matches_litert_and_the_fp16_verdict_is_recorded(fused):
             assert verdict["first_nonfinite"] or any(
                 not o["passed"] for o in verdict["outputs"].values())
         assert report["variants"][f"bokeh_{variant}.tflite"]["fp16_arithmetic"] == verdict
+
+
+@pytest.mark.slow
+def test_every_float_layer_pattern_of_the_net_names_ops_of_its_fused_graph(fused):
+    """SENSITIVE_LAYERS (export/quantize.py) keeps ops in float by name: a pattern that names
+    nothing would keep nothing without a word, so each must name ops of the depth net here (the
+    mask glue: ops of the fused graph itself, outside the depth net and NAFNet)."""
+    from export.quantize import MASK_GLUE, SENSITIVE_LAYERS, output_names
+    from models.depth import FAMILIES
+
+    name, out, _ = fused
+    family = depth_net(name).family
+    names = output_names((out / "bokeh_fp32.tflite").read_bytes())
+    scope = FAMILIES[family].keras_scope
+    for variant, per_family in SENSITIVE_LAYERS.items():
+        for pattern in per_family.get(family, {}).get("nodes", ()):
+            hits = [n for n in names if re.search(pattern, n)]
+            assert hits, f"{variant}: {pattern!r} names no op of the fused {name}"
+            if pattern == MASK_GLUE:
+                assert not any(scope in n or "onnx_tf_prefix_" in n for n in hits), hits
+                assert {"Max", "Min", "Maximum"} <= {n.split(";")[0].split("/")[-1]
+                                                      for n in hits}
+            else:
+                assert all(scope in n for n in hits), f"{variant}: {pattern!r} leaves the net"
