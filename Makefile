@@ -78,12 +78,15 @@ bench: $(VENV_STAMP)
 	$(MAKE) bench-fp16
 
 # The fp16 arithmetic table (issue 19): every depth net fused, random and stress weights, fp32 and
-# fp16 files under fp16 and fp16-acc16 arithmetic (export/arith.py), on the five bench photos.
-# FP16_BENCH_ARGS: e.g. --photos 1 --depth-short-side 128 for a quicker, smaller run.
+# fp16 files under fp16 and fp16-acc16 arithmetic (export/arith.py), on the five bench photos;
+# then what the fp16-safe forms cost the fp32 CPU path (each part built both ways, timed side by
+# side; needs the export in OUT for NAFNet's ONNX). FP16_BENCH_ARGS: e.g. --photos 1
+# --depth-short-side 128, or --nets midas-small --policies fp16 --section fp16-part.
 FP16_BENCH_ARGS ?=
 bench-fp16: $(VENV_STAMP)
 	$(BIN)/python -m validate.fp16_bench --height $(HEIGHT) --width $(WIDTH) \
 		--doc docs/benchmarks.md $(FP16_BENCH_ARGS)
+	$(BIN)/python -m validate.fp16_speed --export-dir $(OUT) --doc docs/benchmarks.md
 
 # The depth-net table alone (also part of bench): every official depth net fused at
 # HEIGHTxWIDTH, one export each in build/bench-depth/NAME, timed against NAFNet alone and PyTorch.

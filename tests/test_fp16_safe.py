@@ -210,3 +210,26 @@ def test_stress_depth_net_fails_naive_and_passes_safe(name, size, tmp_path):
         errors[safe] = _fp16_error(path, x)
     assert errors[True][0] == 0 and errors[True][1] < 1e-2, errors
     assert errors[False][0] > 0 or errors[False][1] > 0.1, errors
+
+
+@pytest.mark.slow  # NAFNet converted twice, on the session export's ONNX
+def test_the_speed_bench_times_both_forms_of_each_part_and_they_agree(fused_export, tmp_path):
+    """validate/fp16_speed.py: NAFNet with and without the fp16 passes, a depth net built as is
+    and under naive_fp16(); the two forms compute the same in fp32 and the fp16-safe LayerNorms
+    are more ops (the scale)."""
+    from common.files import read_json
+    from validate import fp16_speed
+
+    doc = tmp_path / "bench.md"
+    doc.write_text("# bench\n")
+    net = "depth-anything-v2-small-tiny"
+    assert fp16_speed.main(["--export-dir", str(fused_export[0]), "--nets", net,
+                            "--depth-short-side", "56", "--out", str(tmp_path / "s"),
+                            "--runs", "1", "--doc", str(doc)]) == 0
+    rows = {r["part"]: r for r in read_json(tmp_path / "s" / "fp16_speed.json")["rows"]}
+    assert set(rows) == {"NAFNet", net}
+    for row in rows.values():
+        assert row["max_abs_diff"] < 1e-4 and row["textbook_median_s"] > 0
+    assert rows[net]["ops"]["fp16-safe"] > rows[net]["ops"]["textbook"]
+    assert rows["NAFNet"]["input"] == [1, 64, 96, 4]
+    assert "<!-- bench:fp16-speed -->" in doc.read_text()
