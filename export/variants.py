@@ -49,14 +49,15 @@ VARIANTS: tuple[Variant, ...] = (
             "net the layers measured to cost the accuracy (export/quantize.py SENSITIVE_LAYERS; "
             "midas-small: its first encoder stages, whose rounding every later layer amplifies)",
             {"bokeh": {"bokeh": {"min_psnr": 40.0}, "mask": {"min_psnr": 30.0}}}, default=True),
-    Variant("int8", "an NPU through NNAPI, or the CPU's int8 kernels: full-integer",
+    Variant("int8", "the CPU's int8 kernels, or an NPU through NNAPI (every conv and fully "
+            "connected layer int8; the few float ops fall back to the CPU)",
             "the input and output, the ops without an int8 kernel (the LayerNorms' SQRT and "
             "DIV), the mask glue (resize back and per-photo min-max, which would stretch the "
             "depth's int8 rounding over the whole mask) and per depth net the layers measured to "
             "cost the accuracy (SENSITIVE_LAYERS; dpt: the ResNet GroupNorms; "
             "depth-anything-v2-small: the attention BATCH_MATMUL and SOFTMAX and the ViT "
-            "LayerNorms up to their normalised values); every other tensor, every conv's and "
-            "matmul's included, is int8, ranges from the calibration",
+            "LayerNorms up to their normalised values); every other tensor, every conv and fully "
+            "connected layer included, is int8, ranges from the calibration",
             {"bokeh": {"bokeh": {"min_psnr": 30.0}, "mask": {"min_psnr": 20.0}}},
             default=True, calibrated=True, delegate="nnapi"),
     Variant("int8-mixed", "the phone CPU's int8 kernels, the depth mask kept accurate",
