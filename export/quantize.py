@@ -211,16 +211,20 @@ def with_float_weights(quantized: bytes, fp32: bytes, keep: Callable[[str], bool
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), kept
 
 
-def float_ops(path: str | Path) -> dict[str, int]:
-    """Ops computing in float32 (outputs float32), by kind, DEQUANTIZE of I/O excluded: what
-    an int8 variant still runs in float."""
+def float_op_outputs(path: str | Path) -> list[tuple[str, str]]:
+    """(kind, output tensor name) of every op computing in float32 (a float32 output),
+    QUANTIZE and DEQUANTIZE excluded: what an int8 variant still runs in float."""
     interpreter = make_interpreter(path, allocate=False)
-    dtypes = {t["index"]: np.dtype(t["dtype"]) for t in interpreter.get_tensor_details()}
-    kinds = Counter(
-        op["op_name"] for op in interpreter._get_ops_details()
-        if op["op_name"] not in ("DEQUANTIZE", "QUANTIZE")
-        and any(dtypes.get(i) == np.float32 for i in op["outputs"]))
-    return dict(kinds.most_common())
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    return [(op["op_name"], tensors[op["outputs"][0]]["name"])
+            for op in interpreter._get_ops_details()
+            if op["op_name"] not in ("DEQUANTIZE", "QUANTIZE")
+            and any(np.dtype(tensors[i]["dtype"]) == np.float32 for i in op["outputs"])]
+
+
+def float_ops(path: str | Path) -> dict[str, int]:
+    """``float_op_outputs`` counted by kind."""
+    return dict(Counter(kind for kind, _ in float_op_outputs(path)).most_common())
 
 
 def write_quant_variants(frozen: Path, io_spec: dict, variants: tuple[str, ...], calibration,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -66,14 +67,23 @@ def test_variant_parity_within_its_manifest_tolerance(quant_export, photo_dir, v
 
 
 def test_int8_runs_integer_kernels(quant_export):
-    """Full-integer int8: only the LayerNorms' SQRT and DIV (the XNNPACK-friendly form the
-    sqrt_divisor_in_delegate pass writes has no int8 kernel) and the mask's concat and division
-    stay in float; every conv, mean, add and mul is integer."""
+    """int8: every conv and fully connected layer is integer; in float stay only the LayerNorms'
+    SQRT and DIV (the XNNPACK-friendly form the sqrt_divisor_in_delegate pass writes has no int8
+    kernel), the mask's concat and division, and the layers SENSITIVE_LAYERS names for the depth
+    net (dpt: the GroupNorms and the mask glue)."""
+    from export.quantize import float_op_outputs, sensitive_layers
+
     out, _ = quant_export
-    float_ops = json.loads((out / "bokeh_int8.manifest.json").read_text())[
-        "quantization"]["float_ops"]
-    assert set(float_ops) <= {"DIV", "SQRT", "CONCATENATION"}
-    assert float_ops.get("SQRT", 0) <= 72  # one per LayerNorm of the paper's NAFNet
+    path = out / "bokeh_int8.tflite"
+    manifest = json.loads(path.with_suffix(".manifest.json").read_text())
+    assert manifest["quantization"]["float_ops"].get("SQRT", 0) <= 72  # one per NAFNet LayerNorm
+    patterns = sensitive_layers("int8", "dpt")["nodes"]
+    named = [(kind, name) for kind, name in float_op_outputs(path)
+             if kind not in ("DIV", "SQRT", "CONCATENATION")]
+    assert named, "the GroupNorms and the mask glue stay float"
+    for kind, name in named:
+        assert kind not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"), name
+        assert any(re.search(p, name) for p in patterns), f"{kind} {name} is float unasked"
 
 
 @pytest.mark.full
