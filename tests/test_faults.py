@@ -330,6 +330,7 @@ BAD_VALUES = [
     ["inspect", "m.tflite", "--top", "0"],
     ["ai-benchmark", "--variant", "int3", "--out", "b"],
     ["train", "--batch-size", "0"], ["train", "--lr", "-1"], ["train", "--keep", "0"],
+    ["train", "--nproc-per-node", "0"],
     ["train", "--nafnet-config", "{not json"],
     ["nonsense-verb"],
 ]

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -109,17 +108,11 @@ def test_resume_refuses_a_different_run(tmp_path, capsys):
     assert "lr" in capsys.readouterr().err
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(out: Path, *extra: str) -> subprocess.Popen:
+    """`bokeh train --nproc-per-node 2`: two CPU processes under torch's launcher."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "train.trainer", *tiny_args(out, "--device", "cpu", *extra)]
+    cmd = [sys.executable, "-m", "tools.cli", "train", "--nproc-per-node", "2",
+           *tiny_args(out, "--device", "cpu", *extra)]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -133,13 +126,16 @@ def test_two_process_ddp_on_cpu_stops_together_on_ctrl_c_and_keeps_replicas_iden
     while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
         assert run.poll() is None and time.monotonic() < deadline, run.communicate()[1][-3000:]
         time.sleep(0.2)
-    os.killpg(run.pid, signal.SIGINT)  # Ctrl-C in the terminal: torchrun and both workers
+    os.killpg(run.pid, signal.SIGINT)  # Ctrl-C in the terminal: the launcher and both workers
     _, err = run.communicate(timeout=120)
     saved = sorted((out / "checkpoints").glob("step_*.pt"))
     assert len(saved) == 1, err[-3000:]  # the one written at the interrupt
     step = torch.load(saved[0], weights_only=True)["step"]
     assert 1 <= step < 10
-    assert err.count(f"bokeh train: interrupted after step {step}; checkpoint") == 1, err[-3000:]
+    assert run.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert [line for line in err.splitlines() if "interrupted" in line] == [
+        f"bokeh train: interrupted after step {step}; checkpoint {saved[0]} (continue with "
+        "--resume)"], err[-3000:]
 
     run = torchrun(out, *args, "--resume")
     _, err = run.communicate(timeout=300)

@@ -10,7 +10,7 @@ loop that trains, logs, validates and checkpoints. Examples:
     bokeh train --preset quick --allow-random-vgg                          # CPU smoke run
     bokeh train --data ebb --data-root EBB --depth-dir EBB/depth \\
         --vgg-weights vgg19-dcbb9e9d.pth --out runs/paper                   # the paper's run
-    torchrun --nproc_per_node 8 -m train.trainer ...                         # 8 GPUs (DDP)
+    bokeh train --nproc-per-node 8 ...                                       # 8 GPUs (DDP)
     bokeh train ... --resume                                                 # continue exactly
 """
 
@@ -176,6 +176,10 @@ def parse_args(argv: list[str] | None = None, prog: str = "bokeh train"
     g.add_argument("--keep", type=positive_int, default=3, help="checkpoints to keep")
     g.add_argument("--log-every", type=positive_int, help="CSV/TensorBoard row every N steps")
     g.add_argument("--samples", type=positive_int, help="validation images in each PNG sample grid")
+    g.add_argument("--nproc-per-node", type=positive_int, default=1,
+                   help="train with N processes on this machine (DDP, through torch's own "
+                        "launcher, as torchrun would; Ctrl-C stops every process after the same "
+                        "step and ends in one line)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     g.add_argument("--no-tensorboard", action="store_true", help="CSV logs only")
@@ -744,16 +748,51 @@ def print_summary(summary: dict) -> None:
         print(f"\nnext: make export NAFNET_CKPT={summary['checkpoint']}")
 
 
+def launch(argv: list[str], processes: int, prog: str) -> int:
+    """``torchrun --standalone --nproc_per_node N -m train.trainer ARGV``, run in this process by
+    torch's own launcher, so that a Ctrl-C ends with rank 0's one line rather than the
+    launcher's SignalException traceback or log. A refused run keeps each process's own error
+    line (every rank checks the same configuration); any other failure adds one line naming
+    the process."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    for name in list(logging.Logger.manager.loggerDict):  # each sets its own level
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.run")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        torchrun(["--standalone", "--nproc_per_node", str(processes), "-m", "train.trainer",
+                  *argv])
+    except SignalException:
+        return 130  # rank 0 said where it stopped
+    except ChildFailedError as exc:
+        rank, failure = min(exc.failures.items())
+        if failure.exitcode in (2, 3):  # the processes said what was wrong, above
+            return failure.exitcode
+        print(f"{prog}: error: training process {rank} of {processes} exited with "
+              f"{failure.exitcode} (its message is above)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None, prog: str = "bokeh train") -> int:
     cfg = parse_args(argv, prog)
+    launched = "TORCHELASTIC_RUN_ID" in os.environ
+    if cfg.nproc_per_node > 1 and not launched:
+        return launch(list(sys.argv[1:] if argv is None else argv), cfg.nproc_per_node, prog)
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
         # Under torchrun Ctrl-C reaches each worker twice (from the terminal, then forwarded by
         # the launcher, which kills the workers after its grace period): neither may cut the
         # step that saves the checkpoint.
-        with StopRequest(launched="TORCHELASTIC_RUN_ID" in os.environ) as stop:
+        with StopRequest(launched=launched) as stop:
             train(cfg, stop)
     except KeyboardInterrupt as exc:
+        if launched and os.environ.get("RANK", "0") != "0":
+            return 130  # one line for the run: rank 0's
         saved = (f" after step {int(exc.args[0].stem.split('_')[-1])}; checkpoint {exc.args[0]} "
                  "(continue with --resume)") if isinstance(exc, Interrupted) and exc.args[0] \
             else ""
