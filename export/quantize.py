@@ -74,6 +74,7 @@ SENSITIVE_LAYERS: dict[str, dict[str, dict[str, tuple[str, ...]]]] = {
                    for family, f in FAMILIES.items()},
 }
 
+
 class QuantizationUnsupported(Exception):
     """The converter or the TFLite runtime cannot do this variant for this graph."""
 

@@ -69,9 +69,10 @@ def ensure_exports(root: Path, height: int, width: int, plan: Plan,
                    echo: Callable[[str], None] = print) -> dict[tuple[str, str], Path]:
     """``root/WEIGHTS/NET``: a fused fp32 + fp16 export of each net with each kind of weights
     the plan names, exported when missing or of another size."""
-    nets, short_side = plan.nets, plan.short_side
     from export.pipeline import NAFNET_ARTIFACTS, ExportOptions, export
     from models.depth import depth_net
+
+    nets, short_side = plan.nets, plan.short_side
 
     checkpoints = stress_checkpoints(root / "weights", nets)
     folders = {}

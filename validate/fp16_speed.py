@@ -35,22 +35,12 @@ FORMS = ("textbook", "fp16-safe")
 
 def nafnet_pair(sim_onnx: Path, shape_nhwc: tuple[int, ...], folder: Path) -> dict[str, Path]:
     """NAFNet's fp32 TFLite in both forms (cached in ``folder``)."""
-    from export import tf_stages, tflite_stage
-    from export.onnx_stages import rewrite
     from export.rewrites import NAIVE_FP16_PASSES, PASSES
+    from validate.passes_bench import build_with_passes
 
-    paths = {}
-    for form, passes in zip(FORMS, (NAIVE_FP16_PASSES, PASSES), strict=True):
-        dest = folder / f"nafnet_{form}.tflite"
-        if not dest.is_file():
-            onnx_path, _ = rewrite(sim_onnx, folder / f"nafnet_{form}.onnx", passes)
-            with contextlib.redirect_stdout(io.StringIO()):
-                saved = tf_stages.to_tensorflow(onnx_path, folder / f"nafnet_{form}_savedmodel")
-                fn = tf_stages.nchw_to_nhwc_function(saved, shape_nhwc)
-                frozen, spec = tf_stages.freeze(fn, folder / f"nafnet_{form}.pb")
-                tflite_stage.to_tflite(frozen, spec, dest)
-        paths[form] = dest
-    return paths
+    with contextlib.redirect_stdout(io.StringIO()):
+        return {form: build_with_passes(sim_onnx, passes, f"nafnet_{form}", folder, shape_nhwc)
+                for form, passes in zip(FORMS, (NAIVE_FP16_PASSES, PASSES), strict=True)}
 
 
 def depth_pair(name: str, size: tuple[int, int], folder: Path) -> dict[str, Path]:
@@ -83,12 +73,13 @@ def time_pair(part: str, paths: dict[str, Path], threads: int, runs: int,
     from validate.runtime import tflite_engine, time_interleaved
 
     engines = {form: tflite_engine(path, threads, runtime="litert") for form, path in paths.items()}
-    shape = tuple(inspect_tflite(paths["textbook"]).inputs[0]["shape"])
+    infos = {form: inspect_tflite(path) for form, path in paths.items()}
+    shape = tuple(infos["textbook"].inputs[0]["shape"])
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
     echo(f"{part}: {runs} interleaved round(s), {threads} threads ...")
     stats = time_interleaved(engines, x, runs=runs, pause_s=0.5)
     slow, safe = (stats[f]["median_s"] for f in FORMS)
-    ops = {form: sum(inspect_tflite(p).op_histogram.values()) for form, p in paths.items()}
+    ops = {form: sum(info.op_histogram.values()) for form, info in infos.items()}
     return {"part": part, "input": list(shape),
             **{f"{form}_median_s": stats[form]["median_s"] for form in FORMS},
             "ratio": round(safe / slow, 4),

@@ -24,23 +24,32 @@ from common.errors import UserError
 from common.files import check_writable_file, read_json, write_json
 
 
-def build_prefix(sim_onnx: Path, k: int, folder: Path, input_shape_nhwc: tuple[int, ...]
-                 ) -> Path:
-    """The fp32 TFLite of ``sim_onnx`` rewritten with the first ``k`` passes (cached on disk)."""
+def build_with_passes(sim_onnx: Path, passes, stem: str, folder: Path,
+                      input_shape_nhwc: tuple[int, ...]) -> Path:
+    """``folder/STEM.tflite``: the fp32 TFLite of ``sim_onnx`` rewritten with ``passes``,
+    through the export's own stages (onnx-tf, the frozen NHWC graph, the converter); cached on
+    disk."""
     from export import tf_stages, tflite_stage
-    from export.rewrites import PASSES
 
-    dest = folder / f"passes_{k:02d}.tflite"
+    dest = folder / f"{stem}.tflite"
     if dest.is_file():
         return dest
     model = onnx.load(str(sim_onnx))
-    for rewrite_pass in PASSES[:k]:
+    for rewrite_pass in passes:
         model, _ = rewrite_pass(model)
-    onnx.save(model, str(folder / f"passes_{k:02d}.onnx"))
-    saved = tf_stages.to_tensorflow(folder / f"passes_{k:02d}.onnx", folder / f"sm_{k:02d}")
+    onnx.save(model, str(folder / f"{stem}.onnx"))
+    saved = tf_stages.to_tensorflow(folder / f"{stem}.onnx", folder / f"{stem}_savedmodel")
     fn = tf_stages.nchw_to_nhwc_function(saved, input_shape_nhwc)
-    frozen, spec = tf_stages.freeze(fn, folder / f"passes_{k:02d}.pb")
+    frozen, spec = tf_stages.freeze(fn, folder / f"{stem}.pb")
     return tflite_stage.to_tflite(frozen, spec, dest)
+
+
+def build_prefix(sim_onnx: Path, k: int, folder: Path, input_shape_nhwc: tuple[int, ...]
+                 ) -> Path:
+    """The fp32 TFLite of ``sim_onnx`` rewritten with the first ``k`` passes (cached on disk)."""
+    from export.rewrites import PASSES
+
+    return build_with_passes(sim_onnx, PASSES[:k], f"passes_{k:02d}", folder, input_shape_nhwc)
 
 
 def main(argv: list[str] | None = None, prog: str = "bokeh passes") -> int:
