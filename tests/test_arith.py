@@ -14,6 +14,7 @@ from export.arith import (
     format_arithmetic_report,
     op_kinds,
     run_arithmetic,
+    run_policies,
 )
 from export.runner import run_tflite
 
@@ -70,6 +71,24 @@ def test_fp16_report_of_the_tiny_fused_model(fused_export, rng):
         report["worst_ops"][-1]["db_lost"]
     text = format_arithmetic_report(report)
     assert "fp16 arithmetic" in text and "mask" in text
+
+
+@pytest.mark.slow
+def test_policies_sharing_one_reference_run_as_each_alone(fused_export, rng):
+    """run_policies: one fp32 run shared by fp16 and fp16-acc16 changes no output and no op
+    record of either (the benches rely on it)."""
+    path = fused_export[0] / "bokeh_fp16.tflite"
+    feeds = _inputs(path, rng)
+    together = run_policies(path, feeds, ("fp16", "fp16-acc16"), reference="fp32")
+    assert [run.policy for run in together] == ["fp16", "fp16-acc16"]
+    for run in together:
+        alone = run_arithmetic(path, feeds, run.policy, reference="fp32")
+        for name, value in alone.outputs.items():
+            np.testing.assert_array_equal(run.outputs[name], value)
+            np.testing.assert_array_equal(run.reference_outputs[name],
+                                          alone.reference_outputs[name])
+        assert [op.as_dict() for op in run.ops] == [op.as_dict() for op in alone.ops]
+    assert any(a.psnr != b.psnr for a, b in zip(*(run.ops for run in together), strict=True))
 
 
 def _convert(fn) -> bytes:

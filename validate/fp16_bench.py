@@ -115,21 +115,23 @@ def _input_name(path: Path) -> str:
     return make_interpreter(path).get_input_details()[0]["name"]
 
 
-def worst_report(path: Path, inputs: list[np.ndarray], policy: str) -> dict:
-    """Worst PSNR per output and total non-finite values over ``inputs`` under ``policy``."""
-    from export.arith import arithmetic_report
+def worst_reports(path: Path, inputs: list[np.ndarray], policies: tuple[str, ...]
+                  ) -> dict[str, dict]:
+    """Per policy: the worst PSNR per output and the total non-finite values over ``inputs``
+    (the policies share one fp32 run per input)."""
+    from export.arith import arithmetic_reports
 
     name = _input_name(path)
-    worst: dict = {}
-    first = None
+    worst: dict[str, dict] = {p: {"outputs": {}, "first_nonfinite": None} for p in policies}
     for x in inputs:
-        report = arithmetic_report(path, {name: x}, policy)
-        first = first or report["first_nonfinite"]
-        for out, r in report["outputs"].items():
-            w = worst.setdefault(out, {"psnr_db": float("inf"), "nonfinite": 0})
-            w["nonfinite"] += r["nonfinite"]
-            w["psnr_db"] = min(w["psnr_db"], -1.0 if r["psnr_db"] is None else r["psnr_db"])
-    return {"outputs": worst, "first_nonfinite": first}
+        for policy, report in arithmetic_reports(path, {name: x}, policies).items():
+            into = worst[policy]
+            into["first_nonfinite"] = into["first_nonfinite"] or report["first_nonfinite"]
+            for out, r in report["outputs"].items():
+                w = into["outputs"].setdefault(out, {"psnr_db": float("inf"), "nonfinite": 0})
+                w["nonfinite"] += r["nonfinite"]
+                w["psnr_db"] = min(w["psnr_db"], -1.0 if r["psnr_db"] is None else r["psnr_db"])
+    return worst
 
 
 def measure(root: Path, height: int, width: int, photos: Path, plan: Plan,
@@ -166,9 +168,10 @@ def measure(root: Path, height: int, width: int, photos: Path, plan: Plan,
         targets.append((net, "bokeh", list(images.values())))
         for model, prefix, inputs in targets:
             for variant in plan.files:
-                for policy in plan.policies:
-                    start = time.monotonic()
-                    result = worst_report(folder / f"{prefix}_{variant}.tflite", inputs, policy)
+                start = time.monotonic()
+                results = worst_reports(folder / f"{prefix}_{variant}.tflite", inputs,
+                                        plan.policies)
+                for policy, result in results.items():
                     rows.append({"model": model, "weights": weights, "file": variant,
                                  "policy": policy, **result,
                                  "seconds": round(time.monotonic() - start, 1)})
