@@ -69,7 +69,9 @@ export: $(VENV_STAMP)
 	@# fp16-safe, so a failure here fails the target like any other parity failure.
 	$(BIN)/bokeh parity --tflite $(OUT)/bokeh_fp16.tflite --num-random 1 --tflite-only \
 		--arithmetic fp16
-	@echo "TFLite models: $$(ls $(OUT)/*.tflite | tr '\n' ' ')"
+	@echo "TFLite models: $$(ls $(OUT)/*.tflite | grep -v _calibrated.tflite | tr '\n' ' ')"
+	@if [ -f $(OUT)/bokeh_calibrated.tflite ]; then echo "Calibration ranges (not a phone" \
+		"model; re-quantization reuses them): $(OUT)/bokeh_calibrated.tflite"; fi
 	@echo "Report: $(OUT)/report.txt"
 
 bench: $(VENV_STAMP)
