@@ -342,3 +342,17 @@ def test_the_fp16_bench_writes_its_part_of_the_table_in_its_own_section(tmp_path
     assert set(cells) == {("nafnet", "random", "fp32"), ("midas-small-tiny", "random", "fp32")}
     for psnrs, nonfinite in cells.values():
         assert min(float(v) for v in psnrs.split("/")) > 40 and nonfinite.strip() == "0"
+
+
+def test_the_fp16_bench_reads_its_photos_in_the_unit_range(tmp_path):
+    """The bench feeds the photos as the model takes them, [0, 1], not scaled twice (a bug that
+    once fed near-black photos, max 1/255, to every fp16 measurement)."""
+    from validate.doc import write_photos
+    from validate.fp16_bench import read_photos
+
+    photos = read_photos(write_photos(tmp_path / "photos"), 32, 48)
+    assert len(photos) == 5
+    for stem, x in photos.items():
+        assert x.shape == (1, 32, 48, 3) and x.dtype == np.float32
+        assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+        assert float(x.max()) > 0.5 and float(x.std()) > 0.05, stem

@@ -105,8 +105,8 @@ def read_photos(folder: Path, height: int, width: int, limit: int | None = None
     from common.images import fit_to_size, load_rgb
 
     paths = sorted(folder.glob("*.png"))[:limit]
-    return {p.stem: (fit_to_size(load_rgb(p), height, width)[0][None] / np.float32(255)).astype(
-        np.float32) for p in paths}
+    return {p.stem: fit_to_size(load_rgb(p), height, width)[0][None].astype(np.float32)
+            for p in paths}
 
 
 def _input_name(path: Path) -> str:
