@@ -883,7 +883,7 @@ def run_policies(tflite: str | Path, inputs: dict[str, np.ndarray], policies: Se
     reference_outputs = outputs(runs[-1]) if reference is not None else {}
     return [ArithmeticRun(str(path), policy, outputs(run), ops, seconds, reference,
                           reference_outputs)
-            for policy, run, ops in zip(policies, runs, records, strict=False)]
+            for policy, run, ops in zip(policies, runs[:len(policies)], records, strict=True)]
 
 
 def op_kinds(tflite: str | Path) -> dict[str, int]:
